@@ -1,0 +1,129 @@
+"""Reference-trainer checkpoint (``config.json`` + ``state_dict.bin``) -> model folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from dual_lm.config import llama_config, load_reference_config
+from dual_lm.errors import UserError
+from dual_lm.folder import save_folder
+from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
+from dual_lm.tokenizer import load_tokenizer_file
+
+# reference name pattern -> our name template (N = layer index)
+_LAYER_MAP = {
+    "attention.pre_norm.weight": "input_layernorm.weight",
+    "attention.qkv_proj.weights.0": "self_attn.q_proj.weight",
+    "attention.qkv_proj.weights.1": "self_attn.k_proj.weight",
+    "attention.qkv_proj.weights.2": "self_attn.v_proj.weight",
+    "attention.out_proj.weight": "self_attn.o_proj.weight",
+    "mlp.pre_norm.weight": "post_attention_layernorm.weight",
+    "mlp.up_proj.weights.0": "mlp.up_proj.weight",  # W0: the linear half of SwiGLU
+    "mlp.up_proj.weights.1": "mlp.gate_proj.weight",  # W1: the gate, passed through silu
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_MAP = {
+    "embedding.word_embedding.weight": "model.embed_tokens.weight",
+    "classifier.pre_norm.weight": "model.norm.weight",
+    "classifier.projection.weight": "lm_head.projection.weight",
+    "classifier.emb2vocab.weight": "lm_head.output.weight",
+    "classifier.emb2vocab.bias": "lm_head.output.bias",
+}
+_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def reference_to_hf_name(name: str) -> str | None:
+    """Our parameter name for a reference-trainer tensor name, or None if it has no counterpart."""
+    for prefix in _WRAPPER_PREFIXES:
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    if name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[name]
+    match = _LAYER_RE.fullmatch(name)
+    if match and match.group(2) in _LAYER_MAP:
+        return f"model.layers.{match.group(1)}.{_LAYER_MAP[match.group(2)]}"
+    return None
+
+
+def hf_to_reference_name(name: str) -> str:
+    """Inverse of ``reference_to_hf_name`` (used to name optimiser groups like the reference)."""
+    inverse_global = {v: k for k, v in _GLOBAL_MAP.items()}
+    if name in inverse_global:
+        return inverse_global[name]
+    inverse_layer = {v: k for k, v in _LAYER_MAP.items()}
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match and match.group(2) in inverse_layer:
+        return f"encoder.layers.{match.group(1)}.{inverse_layer[match.group(2)]}"
+    raise KeyError(name)
+
+
+def map_state_dict(reference: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Rename reference tensors to ``model``'s names; one error lists every unexpected, missing or mis-shaped tensor."""
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    mapped, unexpected = {}, []
+    for name, tensor in reference.items():
+        target = reference_to_hf_name(name)
+        if target is None or target not in expected:
+            unexpected.append(name)
+        else:
+            mapped[target] = tensor
+    missing = sorted(hf_to_reference_name(n) for n in expected if n not in mapped)
+    misshaped = [
+        f"{hf_to_reference_name(n)} {tuple(t.shape)} (expected {tuple(expected[n])})"
+        for n, t in mapped.items()
+        if t.shape != expected[n]
+    ]
+    problems = []
+    if missing:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(sorted(unexpected)))
+    if misshaped:
+        problems.append("mis-shaped tensors: " + ", ".join(misshaped))
+    if problems:
+        raise UserError("the state dict does not match the config: " + "; ".join(problems))
+    return mapped
+
+
+def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` a reference ``state_dict.bin`` safely (tensors only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"state dict {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read state dict {path}: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a dict of tensors as the reference trainer saves")
+    return state
+
+
+def build_reference_model(config_path: str | Path, state_dict_path: str | Path) -> DLMLlamaForCausalLM:
+    """A ``DLMLlamaForCausalLM`` holding the reference checkpoint's weights."""
+    shape = load_reference_config(config_path)
+    reference = load_reference_state_dict(state_dict_path)
+    model = DLMLlamaForCausalLM(llama_config(shape))
+    mapped = map_state_dict(reference, model)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True)
+    return model.eval()
+
+
+def convert_reference(
+    config_path: str | Path,
+    state_dict_path: str | Path,
+    out_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+) -> Path:
+    """Write a model folder for a reference checkpoint; the folder appears complete or not at all."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output folder {out_dir} exists and is not empty; choose a new folder")
+    if tokenizer_path is not None:
+        load_tokenizer_file(tokenizer_path)  # fail before the slow part
+    model = build_reference_model(config_path, state_dict_path)
+    return save_folder(model, out_dir, tokenizer_path)

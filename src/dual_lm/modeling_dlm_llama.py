@@ -1,0 +1,564 @@
+"""Dual-objective LLaMA models (causal, masked and prefix attention on one set of weights).
+
+This file is self-contained: it imports torch and transformers only, because
+``save_pretrained`` copies it into every model folder so that
+``AutoModelFor*.from_pretrained(folder, trust_remote_code=True)`` works without dual_lm.
+
+The trunk is exactly transformers' ``LlamaModel``. The head replaces the plain lm_head:
+final RMSNorm (the trunk's ``norm``) -> Linear H->H (no bias) -> GELU(tanh) -> Linear H->V
+(with bias). Every position predicts the *next* token in every mode (MNTP): in masked use the
+token at a ``<mask>`` in position i is read from the output at position i-1.
+
+Attention patterns, selected per call:
+  causal          query q sees key k iff k <= q
+  bidirectional   every position sees every position
+  prefix          causal, plus the first ``prefix_lengths[b]`` tokens of row b see each other
+``document_ids`` [B, T] restricts attention to the same document in any mode, and a padding
+``attention_mask`` [B, P+T] (1 = token, 0 = padding) combines with all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, LlamaConfig
+from transformers import initialization as init
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
+
+ATTENTION_MODES = ("causal", "bidirectional", "prefix")
+MODELING_FILE = "modeling_dlm_llama.py"
+AUTO_MAP = {
+    "AutoModelForCausalLM": "modeling_dlm_llama.DLMLlamaForCausalLM",
+    "AutoModelForMaskedLM": "modeling_dlm_llama.DLMLlamaForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_dlm_llama.DLMLlamaForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_dlm_llama.DLMLlamaForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_dlm_llama.DLMLlamaForQuestionAnswering",
+}
+
+
+# --------------------------------------------------------------------------- attention masks
+
+
+def resolve_mode(attention_mode: str | None, prefix_lengths, default: str) -> str:
+    """Return the attention mode of a call: explicit, else prefix when prefix_lengths is given, else default."""
+    mode = attention_mode or ("prefix" if prefix_lengths is not None else default)
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention_mode {mode!r}; choose one of {', '.join(ATTENTION_MODES)}")
+    if mode == "prefix" and prefix_lengths is None:
+        raise ValueError("attention_mode='prefix' needs prefix_lengths (a LongTensor [B])")
+    if mode != "prefix" and prefix_lengths is not None:
+        raise ValueError(f"prefix_lengths is only used with attention_mode='prefix', not {mode!r}")
+    return mode
+
+
+def allowed_attention(
+    mode: str,
+    batch: int,
+    q_len: int,
+    past_len: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean [B, 1, T, P+T] matrix: True where query q (absolute position P+i) may attend to key k.
+
+    Padding keys are never visible; a padding query that would see nothing sees itself, so no
+    softmax row is empty (its output is garbage by definition and never read).
+    """
+    kv_len = past_len + q_len
+    q = torch.arange(past_len, kv_len, device=device)[:, None]  # [T, 1]
+    k = torch.arange(kv_len, device=device)[None, :]  # [1, P+T]
+    if mode == "bidirectional":
+        allowed = torch.ones(batch, q_len, kv_len, dtype=torch.bool, device=device)
+    else:
+        allowed = (k <= q).expand(batch, q_len, kv_len)
+        if mode == "prefix":
+            in_prefix = k[None] < prefix_lengths.to(device)[:, None, None]  # [B, 1, P+T]
+            allowed = allowed | in_prefix
+    if document_ids is not None:
+        docs = document_ids.to(device)  # [B, P+T]
+        allowed = allowed & (docs[:, -q_len:, None] == docs[:, None, :])
+    if padding_mask is not None:
+        valid = padding_mask.to(device=device, dtype=torch.bool)  # [B, P+T]
+        allowed = allowed & valid[:, None, :]
+        lonely = ~allowed.any(-1, keepdim=True)  # [B, T, 1]
+        allowed = allowed | (lonely & (k == q)[None])
+    return allowed[:, None]
+
+
+def to_attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask (0 where allowed, the dtype's minimum elsewhere) for eager attention."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class DLMHead(nn.Module):
+    """Projection Linear(H, H, no bias) -> GELU(tanh) -> Linear(H, V, with bias); input is already normed."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.output(F.gelu(self.projection(hidden_states), approximate="tanh"))
+
+
+def _tag_reference_init(model: nn.Module, config: LlamaConfig) -> None:
+    """Attach the reference trainer's init std to each weight (read back by ``_init_weights``).
+
+    sigma = sqrt(2/(5H)) for q, k, v, gate, up and the head projection; sqrt(2/(H+V)) for the
+    embedding and output layer; zero for attention-output and down projections; layer l's up and
+    gate scaled by sqrt(1/(2(l+1))). Truncation at +-2 sigma happens in ``_init_weights``.
+    """
+    for module in model.modules():  # LlamaModel's own post_init already ran its default init; redo it ours
+        module.__dict__.pop("_is_hf_initialized", None)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    std_in = math.sqrt(2.0 / (5 * hidden))
+    std_vocab = math.sqrt(2.0 / (hidden + vocab))
+    trunk = model.model
+    trunk.embed_tokens._dlm_std = std_vocab
+    for idx, layer in enumerate(trunk.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj._dlm_std = std_in
+        attn.o_proj._dlm_std = 0.0
+        mlp.gate_proj._dlm_std = mlp.up_proj._dlm_std = std_in * math.sqrt(1.0 / (2 * (idx + 1)))
+        mlp.down_proj._dlm_std = 0.0
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        head.projection._dlm_std = std_in
+        head.output._dlm_std = std_vocab
+
+
+class _ReferenceInit:
+    """``_init_weights`` that honours the ``_dlm_std`` tags; used by the trunk and the full models alike."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(module, "_dlm_std", None)
+        if std is None:
+            super()._init_weights(module)
+            return
+        if std == 0.0:
+            init.zeros_(module.weight)
+        else:
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+        if getattr(module, "bias", None) is not None:
+            init.zeros_(module.bias)
+
+
+class DLMLlamaModel(_ReferenceInit, LlamaModel):
+    """Exactly ``LlamaModel``; only its initialisation follows the reference trainer."""
+
+
+class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
+    """Shared plumbing: the LlamaModel trunk, attention modes, reference init, self-contained saving."""
+
+    default_attention_mode = "causal"
+
+    def _mode_for(self, attention_mode: str | None, prefix_lengths) -> str:
+        return resolve_mode(attention_mode, prefix_lengths, self.default_attention_mode)
+
+    def run_trunk(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        attention_mode: str | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the LlamaModel trunk (final norm included) under the requested attention pattern."""
+        mode = self._mode_for(attention_mode, prefix_lengths)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        batch, q_len = ref.shape[0], ref.shape[1]
+        past_len = cache.get_seq_length() if cache is not None else 0
+        self._check_inputs(batch, q_len, past_len, attention_mask, prefix_lengths, document_ids)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # left padding: rotary positions count real tokens only, so padding never shifts logits
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        plain_causal = mode == "causal" and document_ids is None
+        if not plain_causal and (attention_mask is None or attention_mask.dim() == 2):
+            allowed = allowed_attention(
+                mode, batch, q_len, past_len, attention_mask, prefix_lengths, document_ids, ref.device
+            )
+            if self.config._attn_implementation == "sdpa" and bool(allowed.all()):
+                # everything visible: no mask at all lets SDPA pick its fastest kernel
+                attention_mask, kwargs["is_causal"] = None, False
+            else:
+                attention_mask = self._mask_for_backend(allowed)
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def _mask_for_backend(self, allowed: torch.Tensor) -> torch.Tensor:
+        impl = self.config._attn_implementation
+        if impl == "sdpa":
+            return allowed
+        if impl == "eager":
+            return to_attention_bias(allowed, self.model.embed_tokens.weight.dtype)
+        raise ValueError(f"attention implementation {impl!r} cannot take non-causal masks; use 'sdpa' or 'eager'")
+
+    def _check_inputs(self, batch, q_len, past_len, attention_mask, prefix_lengths, document_ids) -> None:
+        limit = self.config.max_position_embeddings
+        if past_len + q_len > limit:
+            raise ValueError(
+                f"sequence of {past_len + q_len} tokens is longer than the position limit "
+                f"max_position_embeddings={limit}; truncate the input"
+            )
+        mask_2d = attention_mask is not None and attention_mask.dim() == 2
+        if mask_2d and tuple(attention_mask.shape) != (batch, past_len + q_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past_len + q_len)}"
+            )
+        if prefix_lengths is not None:
+            if prefix_lengths.dim() != 1 or prefix_lengths.shape[0] != batch:
+                raise ValueError(
+                    f"prefix_lengths must be a LongTensor [B={batch}], got shape {tuple(prefix_lengths.shape)}"
+                )
+            if bool((prefix_lengths < 0).any()) or bool((prefix_lengths > past_len + q_len).any()):
+                raise ValueError(
+                    f"prefix_lengths must lie in [0, {past_len + q_len}] (the sequence length), "
+                    f"got {prefix_lengths.tolist()}"
+                )
+        if document_ids is not None:
+            if past_len:
+                raise ValueError("document_ids cannot be combined with a KV cache; run the packed batch in one pass")
+            if tuple(document_ids.shape) != (batch, q_len):
+                raise ValueError(
+                    f"document_ids must have the shape of input_ids {(batch, q_len)}, got {tuple(document_ids.shape)}"
+                )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config as transformers does, plus this modeling file and an ``auto_map``."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory) / MODELING_FILE
+        if Path(__file__).resolve() != target.resolve():
+            shutil.copyfile(__file__, target)
+
+
+class _DLMWithLMHead(DLMLlamaPreTrainedModel):
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.model = DLMLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = DLMHead(config)
+        _tag_reference_init(self, config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.output
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.output = new_embeddings
+
+
+class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
+    """Causal LM by default; ``attention_mode`` / ``prefix_lengths`` / ``document_ids`` select other patterns.
+
+    ``labels`` gives the shifted next-token cross-entropy exactly as ``LlamaForCausalLM``.
+    """
+
+    default_attention_mode = "causal"
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        attention_mode: str | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        outputs = self.run_trunk(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            use_cache,
+            attention_mode,
+            prefix_lengths,
+            document_ids,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep, :]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class DLMLlamaForMaskedLM(_DLMWithLMHead):
+    """Bidirectional (MNTP) LM: logits[:, i] predict token i+1, so a ``<mask>`` at i is read at i-1.
+
+    ``labels`` [B, T] are aligned with the logits (label i is the target of position i; -100
+    ignores a position), i.e. the caller applies the next-token shift, as the reference trainer does.
+    """
+
+    default_attention_mode = "bidirectional"
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        attention_mode: str | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        outputs = self.run_trunk(
+            input_ids,
+            attention_mask,
+            position_ids,
+            None,
+            inputs_embeds,
+            False,
+            attention_mode,
+            prefix_lengths,
+            document_ids,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class _DLMTaskModel(DLMLlamaPreTrainedModel):
+    """Task heads read the final-normed trunk states; attention from ``config.dlm_task_attention``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.model = DLMLlamaModel(config)
+        _tag_reference_init(self, config)
+
+    @property
+    def default_attention_mode(self) -> str:
+        return getattr(self.config, "dlm_task_attention", "bidirectional")
+
+    def _tag_head(self, layer: nn.Linear) -> None:
+        layer._dlm_std = math.sqrt(2.0 / (5 * self.config.hidden_size))
+
+
+class DLMLlamaForSequenceClassification(_DLMTaskModel):
+    """Pools the state of the last real token (as ``LlamaForSequenceClassification``) into ``score``.
+
+    The last real token is the last position where ``attention_mask`` is 1, else the last token
+    that is not ``pad_token_id``. With bidirectional attention (the default) it has seen the
+    whole sequence.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self._tag_head(self.score)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        attention_mode: str | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.run_trunk(
+            input_ids,
+            attention_mask,
+            position_ids,
+            None,
+            inputs_embeds,
+            False,
+            attention_mode,
+            prefix_lengths,
+            document_ids,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)  # [B, T, C]
+        last = self._last_real_token(input_ids, attention_mask, logits)
+        pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def _last_real_token(self, input_ids, attention_mask, logits) -> torch.Tensor:
+        positions = torch.arange(logits.shape[1], device=logits.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask.to(logits.device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(logits.device) != self.config.pad_token_id
+        else:
+            return torch.full((logits.shape[0],), logits.shape[1] - 1, device=logits.device)
+        return (positions * real).argmax(-1)
+
+
+class DLMLlamaForTokenClassification(_DLMTaskModel):
+    """Per-token labels from dropout + ``score`` on each trunk state, as ``LlamaForTokenClassification``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, self.num_labels)
+        self._tag_head(self.score)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        attention_mode: str | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        outputs = self.run_trunk(
+            input_ids,
+            attention_mask,
+            position_ids,
+            None,
+            inputs_embeds,
+            False,
+            attention_mode,
+            prefix_lengths,
+            document_ids,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class DLMLlamaForQuestionAnswering(_DLMTaskModel):
+    """Extractive QA: ``qa_outputs`` gives start and end logits per token, as ``LlamaForQuestionAnswering``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self._tag_head(self.qa_outputs)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        attention_mode: str | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        outputs = self.run_trunk(
+            input_ids,
+            attention_mask,
+            position_ids,
+            None,
+            inputs_embeds,
+            False,
+            attention_mode,
+            prefix_lengths,
+            document_ids,
+            **kwargs,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "ATTENTION_MODES",
+    "DLMHead",
+    "DLMLlamaForCausalLM",
+    "DLMLlamaForMaskedLM",
+    "DLMLlamaForQuestionAnswering",
+    "DLMLlamaForSequenceClassification",
+    "DLMLlamaForTokenClassification",
+    "DLMLlamaPreTrainedModel",
+    "allowed_attention",
+    "resolve_mode",
+    "to_attention_bias",
+]

@@ -1,0 +1,64 @@
+"""Shared fixtures: the reference files in ../shared (skipped with a reason when absent) and tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dual_lm.config import PRESETS, llama_config
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE = SHARED / "reference"
+PARITY = REFERENCE / "parity-tiny"
+TOKENIZER_51200 = REFERENCE / "tokenizer-51200.json"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the reference files live in ../shared next to the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    return require(PARITY)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_51200() -> Path:
+    return require(TOKENIZER_51200)
+
+
+@pytest.fixture(scope="session")
+def converted(parity_dir, tmp_path_factory) -> Path:
+    """The parity checkpoint converted to a model folder by the CLI."""
+    from dual_lm.cli import main
+
+    out = tmp_path_factory.mktemp("converted") / "parity-tiny"
+    rc = main(
+        [
+            "convert-reference",
+            "--config",
+            str(parity_dir / "config.json"),
+            "--state-dict",
+            str(parity_dir / "state_dict.bin"),
+            str(out),
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+@pytest.fixture
+def tiny_config():
+    """A fresh tiny config (vocab 512, 2 layers, hidden 64, context 64)."""
+    import dataclasses
+
+    return llama_config(dataclasses.replace(PRESETS["tiny"], max_position_embeddings=64))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
