@@ -37,19 +37,27 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
     config = llama_config(preset(args.preset))
-    ours = DLMLlamaForCausalLM(config).eval()
-    peer = LlamaForCausalLM(config).eval()
-    ids = torch.randint(16, config.vocab_size, (args.batch, args.length))
-    prefix = torch.full((args.batch,), args.length // 2)
+    ours = DLMLlamaForCausalLM(config).eval().to(device, dtype)
+    peer = LlamaForCausalLM(config).eval().to(device, dtype)
+    ids = torch.randint(16, config.vocab_size, (args.batch, args.length), device=device)
+    prefix = torch.full((args.batch,), args.length // 2, device=device)
+
+    def run(model, **kwargs):
+        return lambda: (model(ids, use_cache=False, **kwargs), sync())
+
     contenders = {
-        "transformers LlamaForCausalLM (causal)": lambda: peer(ids, use_cache=False),
-        "DLMLlamaForCausalLM causal": lambda: ours(ids, use_cache=False),
-        "DLMLlamaForCausalLM prefix": lambda: ours(ids, prefix_lengths=prefix, use_cache=False),
-        "DLMLlamaForCausalLM bidirectional": lambda: ours(ids, attention_mode="bidirectional", use_cache=False),
+        "transformers LlamaForCausalLM (causal)": run(peer),
+        "DLMLlamaForCausalLM causal": run(ours),
+        "DLMLlamaForCausalLM prefix": run(ours, prefix_lengths=prefix),
+        "DLMLlamaForCausalLM bidirectional": run(ours, attention_mode="bidirectional"),
     }
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with torch.inference_mode():
@@ -58,9 +66,11 @@ def main() -> None:
                 times[name] += timed(fn, args.repeats)
     tokens = args.batch * args.length
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    cpu = platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(
-        f"preset {args.preset}, batch {args.batch} x {args.length} tokens, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"preset {args.preset}, batch {args.batch} x {args.length} tokens, {args.dtype}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}"
     )
     for name, r in rate.items():
         print(f"  {name:<40} {r:>10,.0f} tokens/s")
