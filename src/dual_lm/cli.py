@@ -25,6 +25,41 @@ def _info(args) -> int:
     return 0
 
 
+def _train_tokenizer(args) -> int:
+    from dual_lm.corpus import ReadStats, expand_sources, iter_documents
+    from dual_lm.tokenizer import save_tokenizer, train_tokenizer
+
+    sources = expand_sources(args.input)
+    stats = ReadStats()
+    tokenizer = train_tokenizer(iter_documents(sources, args.text_field, stats), args.vocab_size)
+    if stats.documents == 0:
+        raise UserError(f"the inputs hold no documents ({stats.summary()})")
+    save_tokenizer(tokenizer, args.out)
+    print(f"trained on {stats.documents} documents ({stats.summary()}); vocabulary {tokenizer.get_vocab_size()}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _prepare_data(args) -> int:
+    from dual_lm.prepare import PrepareRequest, prepare_data
+
+    if args.valid_tokens < 0:
+        raise UserError("--valid-tokens must be >= 0")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise UserError("--num-shards must be >= 1")
+    request = PrepareRequest(
+        args.tokenizer, tuple(args.input), args.output, args.valid_tokens, args.num_shards, args.text_field
+    )
+    m = prepare_data(request)
+    skipped = sum(m["skipped"].values())
+    print(
+        f"wrote {args.output}: {m['train_tokens']:,} training tokens in {m['train_documents']:,} documents "
+        f"({len(m['shards'])} shard(s), {m['dtype']}), {m['valid']['tokens']:,} validation tokens in "
+        f"{m['valid']['documents']:,} documents; skipped {skipped} document(s) {m['skipped']}"
+    )
+    return 0
+
+
 def _demo(args) -> int:
     from dual_lm.demo import run_demo
 
@@ -45,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model folder's configuration, parameter counts, classes and modes")
     p.add_argument("folder")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("train-tokenizer", help="train the reference byte-level BPE recipe on text")
+    p.add_argument("--input", nargs="+", required=True, help="files, folders or corpus:NAME")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("out", help="where to write the tokenizer JSON")
+    p.set_defaults(func=_train_tokenizer)
+
+    p = sub.add_parser("prepare-data", help="corpus -> memory-mapped token shards (resumable)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer JSON (for example the published one)")
+    p.add_argument("--input", nargs="+", required=True, help="files, folders or corpus:NAME")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--valid-tokens", type=int, default=0, help="hold out the first documents up to this many tokens")
+    p.add_argument("--num-shards", type=int, default=None, help="training shards (default: one per ~500 MB of text)")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
+    p.set_defaults(func=_prepare_data)
 
     p = sub.add_parser("demo", help="the main job (run by `make demo`)")
     p.add_argument("--fixture", default="../shared/reference/parity-tiny", help="reference parity checkpoint folder")

@@ -45,3 +45,80 @@ def save_folder_tokenizer(path: str | Path, folder: str | Path, max_length: int)
     )
     tokenizer.save_pretrained(str(folder))
     return tokenizer
+
+
+# ---------------------------------------------------------------------------- the BPE recipe
+
+# Pre-tokenisation split of the published tokenizer: words with an optional leading non-letter,
+# single digits, punctuation runs, newline runs and whitespace, isolated before byte-level mapping.
+SPLIT_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"| ?\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def recipe_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE tokenizer with the published pipeline.
+
+    Normaliser: prepend a space, NFC, a space after every newline, then no spaces before a
+    newline; the split above plus byte-level mapping; a decoder that undoes both; and a
+    post-processor that prepends ``<s>``.
+    """
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=False, byte_fallback=False, ignore_merges=True))
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.Prepend(" "),
+            normalizers.NFC(),
+            normalizers.Replace(Regex("\n"), "\n "),
+            normalizers.Replace(Regex(" *\n"), "\n"),
+        ]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True),
+            decoders.Strip(" ", 1, 0),
+            decoders.Replace("\n ", "\n"),
+        ]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
+    )
+    return tokenizer
+
+
+def train_tokenizer(texts, vocab_size: int, total: int | None = None) -> Tokenizer:
+    """Train the recipe on an iterator of texts; the 16 special tokens get ids 0-15."""
+    from tokenizers import pre_tokenizers, trainers
+
+    minimum = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < minimum:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small: the 16 special tokens and 256 byte symbols need {minimum}"
+        )
+    tokenizer = recipe_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=total)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_path: str | Path) -> None:
+    """Write the tokenizer JSON through a temporary file and a rename."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tokenizer.save(str(tmp))
+    tmp.replace(out_path)

@@ -1,0 +1,243 @@
+"""Corpus -> memory-mappable token shards with a document index, resumable after a kill.
+
+Layout of an output folder::
+
+    valid.tokens  valid.docs.npy  valid.json          held-out whole documents (the first ones read)
+    train-00000.tokens  train-00000.docs.npy  train-00000.json   ...
+    manifest.json                                      written last, atomically
+
+``*.tokens`` is a flat array of token ids (uint16 when the vocabulary fits, else uint32),
+``*.docs.npy`` the int64 start offsets of its documents plus the end, and the small ``*.json``
+marks the shard complete. Documents are stored without special tokens; the loader prepends
+``<s>``. Training documents are split into contiguous shards of (nearly) equal document counts.
+A re-run skips every shard whose marker matches and redoes the rest, so a killed run finishes
+with exactly the files an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice, pairwise
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dual_lm.corpus import ReadStats, expand_sources, iter_documents
+from dual_lm.errors import UserError
+from dual_lm.tokenizer import load_tokenizer_file
+
+FORMAT_VERSION = 1
+BATCH_CHARS = 4_000_000  # text handed to the tokenizer at once (parallel over all cores)
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    tokenizer: str
+    inputs: tuple[str, ...]
+    output: str
+    valid_tokens: int = 0
+    num_shards: int | None = None
+    text_field: str = "text"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to a temporary file, fsync it, and rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _batches(texts: Iterator[str], limit: int) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class ShardWriter:
+    """Appends tokenised documents to ``NAME.tokens`` and commits the shard with its index and marker."""
+
+    def __init__(self, folder: Path, name: str, dtype: np.dtype):
+        self.folder, self.name, self.dtype = folder, name, dtype
+        self.tmp = folder / f".{name}.tokens.tmp"
+        self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit()
+        self.offsets = [0]
+
+    def add(self, documents: list[list[int]]) -> int:
+        if not documents:
+            return 0
+        lengths = [len(ids) for ids in documents]
+        flat = np.fromiter((t for ids in documents for t in ids), dtype=self.dtype, count=sum(lengths))
+        self.handle.write(flat.tobytes())
+        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths)).tolist())
+        return int(flat.size)
+
+    def commit(self, meta: dict) -> dict:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        docs_tmp = self.folder / f".{self.name}.docs.tmp.npy"
+        np.save(docs_tmp, np.asarray(self.offsets, dtype=np.int64))
+        self.tmp.replace(self.folder / f"{self.name}.tokens")
+        docs_tmp.replace(self.folder / f"{self.name}.docs.npy")
+        meta = {**meta, "name": self.name, "documents": len(self.offsets) - 1, "tokens": self.offsets[-1]}
+        write_json_atomic(self.folder / f"{self.name}.json", meta)
+        return meta
+
+
+def read_marker(folder: Path, name: str, expect: dict) -> dict | None:
+    """The shard's marker if the shard is complete and was made for the same request, else None."""
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if any(meta.get(k) != v for k, v in expect.items()):
+        return None
+    tokens = folder / f"{name}.tokens"
+    if not tokens.is_file() or tokens.stat().st_size != meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
+        return None
+    return meta
+
+
+def shard_bounds(first: int, total: int, shards: int) -> list[tuple[int, int]]:
+    """Split document indices [first, total) into ``shards`` contiguous ranges of near-equal size."""
+    count = total - first
+    edges = [first + (count * k) // shards for k in range(shards + 1)]
+    return list(pairwise(edges))
+
+
+def prepare_data(request: PrepareRequest) -> dict:
+    """Tokenise the inputs into shards (see the module docstring); returns the manifest."""
+    out = Path(request.output)
+    sources = expand_sources(list(request.inputs))
+    tokenizer = load_tokenizer_file(request.tokenizer)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    base = {
+        "format": FORMAT_VERSION,
+        "tokenizer_sha256": file_sha256(request.tokenizer),
+        "sources": [str(s) for s in sources],
+        "dtype": dtype.name,
+        "text_field": request.text_field,
+    }
+    _check_existing_manifest(out, base, request)
+    out.mkdir(parents=True, exist_ok=True)
+
+    count_stats = ReadStats()
+    chars = 0
+    for text in tqdm(iter_documents(sources, request.text_field, count_stats), desc="counting documents", unit=" doc"):
+        chars += len(text)
+    if count_stats.documents == 0:
+        raise UserError(f"the inputs hold no documents ({count_stats.summary()})")
+
+    started = time.perf_counter()
+    stats = ReadStats()
+    documents = iter_documents(sources, request.text_field, stats)
+    bar = tqdm(total=count_stats.documents, desc="tokenising", unit=" doc")
+    valid = _prepare_valid(out, documents, tokenizer, dtype, base, request.valid_tokens, bar)
+    train_docs = count_stats.documents - valid["documents"]
+    if train_docs <= 0:
+        raise UserError(f"--valid-tokens {request.valid_tokens} leaves no training documents; ask for fewer")
+    shards = request.num_shards or max(1, chars // 500_000_000)
+    if not 1 <= shards <= train_docs:
+        raise UserError(f"--num-shards must lie in [1, {train_docs}] (the number of training documents)")
+    metas = []
+    for k, (lo, hi) in enumerate(shard_bounds(valid["documents"], count_stats.documents, shards)):
+        metas.append(_prepare_shard(out, f"train-{k:05d}", documents, hi - lo, tokenizer, dtype, base, bar))
+    bar.close()
+    manifest = {
+        **base,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "valid": valid,
+        "shards": metas,
+        "train_documents": sum(m["documents"] for m in metas),
+        "train_tokens": sum(m["tokens"] for m in metas),
+        "characters": chars,
+        "skipped": {"invalid_utf8": stats.invalid_utf8, "empty": stats.empty, "not_json": stats.bad_json},
+        "seconds": round(time.perf_counter() - started, 3),
+        "requested_valid_tokens": request.valid_tokens,
+        "requested_shards": shards,
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def _check_existing_manifest(out: Path, base: dict, request: PrepareRequest) -> None:
+    path = out / "manifest.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if any(old.get(k) != v for k, v in base.items()):
+        raise UserError(f"{out} already holds data prepared from other inputs or another tokenizer; use a new folder")
+    if old.get("requested_valid_tokens") != request.valid_tokens or (
+        request.num_shards and old.get("requested_shards") != request.num_shards
+    ):
+        raise UserError(f"{out} was prepared with other --valid-tokens/--num-shards; use a new folder")
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _prepare_valid(out, documents, tokenizer, dtype, base, valid_tokens, bar) -> dict:
+    """Hold out the first documents until they reach ``valid_tokens`` tokens."""
+    expect = {**base, "valid_tokens": valid_tokens}
+    done = read_marker(out, "valid", expect)
+    if done is not None:
+        for _ in islice(documents, done["documents"]):
+            pass
+        bar.update(done["documents"])
+        return done
+    writer = ShardWriter(out, "valid", dtype)
+    have = 0
+    while have < valid_tokens:
+        text = next(documents, None)
+        if text is None:
+            raise UserError(f"--valid-tokens {valid_tokens} is more than the whole corpus holds ({have} tokens)")
+        have += writer.add(_encode(tokenizer, [text]))
+        bar.update(1)
+    return writer.commit(expect)
+
+
+def _prepare_shard(out, name, documents, count, tokenizer, dtype, base, bar) -> dict:
+    expect = {**base, "planned_documents": count}
+    done = read_marker(out, name, expect)
+    if done is not None:
+        for _ in islice(documents, count):
+            pass
+        bar.update(count)
+        return done
+    writer = ShardWriter(out, name, dtype)
+    for batch in _batches(islice(documents, count), BATCH_CHARS):
+        writer.add(_encode(tokenizer, batch))
+        bar.update(len(batch))
+    return writer.commit(expect)
