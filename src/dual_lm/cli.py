@@ -60,6 +60,42 @@ def _prepare_data(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from dual_lm.config import load_train_config
+    from dual_lm.train import run_training
+
+    cfg = load_train_config(args.config, args.overrides)
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
+def _export(args) -> int:
+    from dual_lm.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"wrote model folder {out}")
+    return 0
+
+
+def _plot(args) -> int:
+    from dual_lm.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
+def _recommend(args) -> int:
+    from dual_lm.recommend import recommend_alpha, repetitions_from_budget
+
+    if args.repetitions is None and (args.unique_tokens is None or args.budget_tokens is None):
+        raise UserError("give --repetitions R, or both --unique-tokens and --budget-tokens")
+    reps = args.repetitions or repetitions_from_budget(args.unique_tokens, args.budget_tokens)
+    alpha, lines = recommend_alpha(reps)
+    print("\n".join(lines))
+    print(f"recommended alpha = {alpha:.6f}  (objective.alpha={alpha:.6f})")
+    return 0
+
+
 def _demo(args) -> int:
     from dual_lm.demo import run_demo
 
@@ -96,6 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=None, help="training shards (default: one per ~500 MB of text)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.set_defaults(func=_prepare_data)
+
+    p = sub.add_parser("train", help="train a dual-objective model (also under torchrun)")
+    p.add_argument("config", nargs="?", help="YAML run config (only what differs from the defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. objective.alpha=0.5")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="training checkpoint (or run folder) -> model folder")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("out_dir", nargs="?", help="default: RUN/alpha_{alpha:.3f}_n-reps={R}")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("plot", help="draw a run's loss curves to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="PNG path (default RUN_DIR/loss.png)")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("recommend-alpha", help="the paper's rule for choosing alpha from the data budget")
+    p.add_argument("--repetitions", type=float)
+    p.add_argument("--unique-tokens", type=int)
+    p.add_argument("--budget-tokens", type=int)
+    p.set_defaults(func=_recommend)
 
     p = sub.add_parser("demo", help="the main job (run by `make demo`)")
     p.add_argument("--fixture", default="../shared/reference/parity-tiny", help="reference parity checkpoint folder")

@@ -144,3 +144,179 @@ def parameter_counts(shape: ModelShape) -> dict[str, int]:
     embeddings = v * h + (v * h + v)
     total = embeddings + shape.num_layers * per_layer + h + h * h
     return {"total": total, "embedding": embeddings, "non_embedding": total - embeddings}
+
+
+# ---------------------------------------------------------------------- training run configs
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    rope_theta: float | None = None
+    rms_norm_eps: float | None = None
+
+    def shape(self, vocab_size: int, max_positions: int) -> ModelShape:
+        overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+        return preset(self.preset, vocab_size=vocab_size, max_position_embeddings=max_positions, **overrides)
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # a prepare-data folder
+    seq_len: int = 256
+    repetitions: int = 1
+
+
+@dataclass
+class ObjectiveConfig:
+    alpha: float = 63 / 64  # the AR share
+    alpha_mode: str = "rows"  # rows | ranks
+    ar_weight: float = 2.0  # 2.0 as released; 1.0 is the v3 paper's equation
+    z_loss: float = 1e-4
+
+
+@dataclass
+class OptimSection:
+    lr: float = 0.007
+    weight_decay: float = 0.1
+    warmup: float = 0.0  # fraction of steps
+    decay: float = 0.25  # fraction of steps
+    decay_kind: str = "linear"  # linear | sqrt | cosine
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    global_batch_tokens: int = 16384
+    micro_batch_rows: int = 8  # rows per rank per forward pass
+    seed: int = 0
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
+    compile: bool = False
+
+
+@dataclass
+class EvalSection:
+    every: int = 50  # steps; 0 = only at the end
+    batches: int = 4
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 50
+    keep_last: int = 2
+    exponential: bool = False  # also keep checkpoints at steps 1, 2, 4, 8, ... (the reference's schedule)
+
+
+@dataclass
+class LogSection:
+    every: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/train"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, default, name: str):
+    """Check a value against the type of the field's default (None defaults accept int or float)."""
+    if isinstance(default, bool) or (default is None and isinstance(value, bool)):
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) or (default is None and isinstance(value, int)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float) or default is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _fill(obj, values: dict, prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(f"unknown config key {name!r}{closest(key, fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {name!r} is a section; give it as a mapping")
+            _fill(current, value, f"{name}.")
+        else:
+            setattr(obj, key, _coerce(value, current, name))
+
+
+def parse_override(text: str) -> dict:
+    """``a.b=value`` -> {"a": {"b": value}} with the value read as YAML (numbers, booleans, strings)."""
+    import yaml
+
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file (only what differs from the defaults) plus ``key=value`` overrides."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path} must hold a mapping of sections")
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    cfg = TrainConfig()
+    _fill(cfg, values)
+    return cfg
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    _fill(cfg, values)
+    return cfg

@@ -2,6 +2,7 @@
 
 Layout of an output folder::
 
+    tokenizer.json                                     a copy of the tokenizer used
     valid.tokens  valid.docs.npy  valid.json          held-out whole documents (the first ones read)
     train-00000.tokens  train-00000.docs.npy  train-00000.json   ...
     manifest.json                                      written last, atomically
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,6 +153,8 @@ def prepare_data(request: PrepareRequest) -> dict:
     }
     _check_existing_manifest(out, base, request)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(request.tokenizer, out / ".tokenizer.json.tmp")
+    (out / ".tokenizer.json.tmp").replace(out / "tokenizer.json")  # the data folder names its tokenizer
 
     count_stats = ReadStats()
     chars = 0

@@ -1,0 +1,197 @@
+"""The dual objective: autoregressive (AR) and masked-diffusion (MD) losses, z-loss, and mixing by alpha.
+
+Facts from the reference trainer (DESIGN.md section 3):
+
+- Every position predicts the next token. AR: causal attention, every position is a target,
+  loss = ar_weight x sum CE / (B x L) with ar_weight 2.0 as the released models were trained
+  (1.0 is the v3 paper's equation).
+- MD: per row t ~ U(0,1), u ~ U(0,1), k = max(1, floor(t L + u)) positions chosen uniformly among
+  non-special tokens (ids < 16 never) become ``<mask>``; position j has a target iff input j+1 is
+  masked, and the last position always has one. Loss = sum over targets of CE / t~ divided by
+  B x L (all positions), t~ = (1 - 1e-4) k / L + 1e-4. Bidirectional attention.
+- z-loss: logsumexp(logits)^2 with the same per-token weights, coefficient 1e-4.
+- The head runs only at target positions.
+
+AR and MD rows can share one forward pass: each row carries its own attention pattern (causal or
+bidirectional, both restricted to its documents), so a single process realises any alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dual_lm.config import MASK_ID, NUM_SPECIAL_TOKENS, ObjectiveConfig
+from dual_lm.modeling_dlm_llama import allowed_attention
+
+IGNORE = -100
+RATE_EPS = 1e-4
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def draw_mask_counts(batch: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k = max(1, floor(t L + u)) per row with t, u ~ U(0, 1) (the reference's exactly-k masking)."""
+    t = torch.rand(batch, generator=generator)
+    u = torch.rand(batch, generator=generator)
+    return torch.clamp(torch.floor(t * length + u), min=1).long()
+
+
+def choose_positions(eligible: torch.Tensor, counts: torch.Tensor, generator=None) -> torch.Tensor:
+    """Bool [B, L]: exactly min(counts[b], eligible positions) positions of row b, uniformly among ``eligible``."""
+    scores = torch.rand(eligible.shape, generator=generator)
+    scores = scores.masked_fill(~eligible.cpu(), 2.0)  # ineligible positions sort last
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return ((ranks < counts[:, None]) & eligible.cpu()).to(eligible.device)
+
+
+def mask_rate(masked: torch.Tensor) -> torch.Tensor:
+    """t~ per row: (1 - 1e-4) k / L + 1e-4 for the realised count k."""
+    length = masked.shape[1]
+    return (1 - RATE_EPS) * masked.sum(1).double() / length + RATE_EPS
+
+
+@dataclass
+class MaskedRows:
+    """A masked-diffusion draw for some rows: inputs with ``<mask>``, aligned targets, per-row rate t~."""
+
+    inputs: torch.Tensor  # [B, L]
+    targets: torch.Tensor  # [B, L], IGNORE where no loss
+    rate: torch.Tensor  # [B] float64
+    masked: torch.Tensor  # [B, L] bool
+
+
+def mask_rows(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    generator: torch.Generator | None = None,
+    replay: torch.Tensor | None = None,
+) -> MaskedRows:
+    """Draw (or replay, when ``replay`` is a bool [B, L] mask) the MD corruption of packed rows."""
+    if replay is None:
+        counts = draw_mask_counts(inputs.shape[0], inputs.shape[1], generator)
+        masked = choose_positions(inputs >= NUM_SPECIAL_TOKENS, counts, generator)
+    else:
+        masked = replay.to(torch.bool)
+    corrupted = inputs.masked_fill(masked, MASK_ID)
+    has_target = torch.zeros_like(masked)
+    has_target[:, :-1] = masked[:, 1:]
+    has_target[:, -1] = True
+    return MaskedRows(corrupted, targets.masked_fill(~has_target, IGNORE), mask_rate(masked), masked)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def weighted_head_loss(head, hidden, targets, weights, z_coefficient: float, normaliser: int):
+    """sum_j w_j (CE_j + z lse_j^2) / normaliser over target positions, with the head run only there.
+
+    Returns the loss and a dict of sums: weighted CE, plain CE, correct argmax, target count.
+    """
+    where = targets != IGNORE  # [B, L]
+    logits = head(hidden[where]).float()  # [N, V]
+    gold = targets[where]
+    w = weights[where]
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(1, gold[:, None]).squeeze(1)  # = cross-entropy, sharing the one logsumexp
+    weighted = (w * ce).sum()
+    loss = (weighted + z_coefficient * (w * lse.square()).sum()) / normaliser
+    sums = {
+        "weighted": weighted.detach(),
+        "ce": ce.sum().detach(),
+        "correct": (logits.argmax(-1) == gold).sum(),
+        "targets": torch.tensor(gold.numel()),
+    }
+    return loss, sums
+
+
+def row_attention(ar_rows: torch.Tensor, document_ids: torch.Tensor | None, length: int) -> torch.Tensor:
+    """Bool [B, 1, L, L]: causal for AR rows, bidirectional for MD rows, within documents for both."""
+    batch = ar_rows.shape[0]
+    causal = allowed_attention("causal", batch, length, document_ids=document_ids, device=ar_rows.device)
+    bidir = allowed_attention("bidirectional", batch, length, document_ids=document_ids, device=ar_rows.device)
+    return torch.where(ar_rows[:, None, None, None], causal, bidir)
+
+
+class DualObjective(torch.nn.Module):
+    """``objective(inputs, targets, document_ids, ar_rows)`` -> (loss, stats) in one forward pass.
+
+    Rows with ``ar_rows`` True are AR rows, the others MD rows. The loss is
+    (n_ar / B) AR + (n_md / B) MD, where AR and MD are the reference's losses over their own rows,
+    i.e. the sum of weighted token losses over all rows divided by B x L. Wrap this module (not
+    the bare model) in DDP so that gradient synchronisation sees the whole computation.
+    """
+
+    def __init__(self, model, cfg: ObjectiveConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, inputs, targets, document_ids, ar_rows, generator=None, replay=None):
+        cfg = self.cfg
+        batch, length = inputs.shape
+        ar_rows = ar_rows.to(inputs.device)
+        md = mask_rows(inputs, targets, generator, replay)
+        model_inputs = torch.where(ar_rows[:, None], inputs, md.inputs)
+        row_targets = torch.where(ar_rows[:, None], targets, md.targets)
+        md_weight = (1.0 / md.rate.float()).to(inputs.device)[:, None]
+        weights = torch.where(ar_rows[:, None], torch.tensor(cfg.ar_weight, device=inputs.device), md_weight)
+        weights = weights.expand(batch, length)
+        hidden = self.trunk(model_inputs, ar_rows, document_ids)
+        total = torch.zeros((), device=inputs.device)
+        stats: dict[str, torch.Tensor] = {}
+        for name, rows in (("ar", ar_rows), ("md", ~ar_rows)):
+            if not bool(rows.any()):
+                continue
+            sub_targets = row_targets.masked_fill(~rows[:, None], IGNORE)
+            loss, sums = weighted_head_loss(
+                self.model.lm_head, hidden, sub_targets, weights, cfg.z_loss, batch * length
+            )
+            total = total + loss
+            stats.update({f"{name}_{k}": v for k, v in sums.items()})
+            stats[f"{name}_rows"] = rows.sum()
+        return total, stats
+
+    def trunk(self, inputs, ar_rows, document_ids):
+        """Final-normed hidden states [B, L, H] under each row's pattern."""
+        model = self.model
+        if bool(ar_rows.all()):  # plain causal: the unmodified LlamaModel path
+            return model.run_trunk(inputs, attention_mode="causal", document_ids=document_ids).last_hidden_state
+        if bool((~ar_rows).all()):
+            return model.run_trunk(inputs, attention_mode="bidirectional", document_ids=document_ids).last_hidden_state
+        allowed = row_attention(ar_rows, document_ids, inputs.shape[1])
+        return model.model(input_ids=inputs, attention_mask=model._mask_for_backend(allowed)).last_hidden_state
+
+
+# ----------------------------------------------------------------------------- mixing by alpha
+
+
+def rows_for_ar(batch: int, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool [B]: which rows run AR. floor(alpha B) rows, plus one more with probability frac(alpha B),
+    so the expected AR share is exactly alpha at any batch size; which rows is random."""
+    exact = alpha * batch
+    count = math.floor(exact)
+    if torch.rand((), generator=generator).item() < exact - count:
+        count += 1
+    order = torch.randperm(batch, generator=generator)
+    ar = torch.zeros(batch, dtype=torch.bool)
+    ar[order[:count]] = True
+    return ar
+
+
+def md_ranks(alpha: float, world_size: int) -> int:
+    """m, the number of MD ranks out of d = world_size, such that alpha = 1 - m/d exactly."""
+    m = round((1 - alpha) * world_size)
+    if not math.isclose(1 - m / world_size, alpha, abs_tol=1e-9):
+        raise ValueError(
+            f"alpha={alpha} cannot be realised by splitting {world_size} rank(s) (alpha must be 1 - m/{world_size}); "
+            "use objective.alpha_mode=rows or another world size"
+        )
+    return m
+
+
+def rank_runs_md(epoch: int, rank: int, world_size: int, md_count: int) -> bool:
+    """The reference rotation: rank r runs MD in epoch e iff (e + r) mod d < m."""
+    return (epoch + rank) % world_size < md_count

@@ -1,0 +1,351 @@
+"""``dual-lm train``: the dual-objective training loop (single process or under torchrun with DDP).
+
+The loop knows neither the model nor the losses: it draws batches from the packed loader,
+decides which rows (or, by ranks, which whole ranks) run AR and which MD, calls the
+``DualObjective`` module, steps Muon + AdamW under the warmup-stable-decay schedule, and logs,
+validates and checkpoints. Every random draw comes from the loader state or from one generator
+per rank that is checkpointed, so a resumed run continues exactly where the killed one was.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dual_lm import __version__
+from dual_lm.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from dual_lm.config import TrainConfig, llama_config
+from dual_lm.data import PackedLoader, TokenShards
+from dual_lm.dist import DistInfo, all_keys, barrier, init_distributed, shutdown, sum_across_ranks
+from dual_lm.errors import UserError
+from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
+from dual_lm.objectives import DualObjective, md_ranks, rank_runs_md, rows_for_ar
+from dual_lm.optim import build_optimizer, set_lr_factor, wsd_lr_factor
+
+EVAL_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a config means on this world: accumulation steps, MD rank count, tokens per step."""
+
+    accumulation: int
+    md_ranks: int | None
+    tokens_per_step: int
+
+
+def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
+    """Validate the config against the world size; one clear error for each impossible setting."""
+    o, t = cfg.objective, cfg.train
+    if not 0.0 <= o.alpha <= 1.0:
+        raise UserError(f"objective.alpha must lie in [0, 1], got {o.alpha}")
+    if o.alpha_mode not in ("rows", "ranks"):
+        raise UserError(f"objective.alpha_mode must be 'rows' or 'ranks', got {o.alpha_mode!r}")
+    for name, value in (("train.steps", t.steps), ("train.micro_batch_rows", t.micro_batch_rows),
+                        ("data.seq_len", cfg.data.seq_len), ("data.repetitions", cfg.data.repetitions)):  # fmt: skip
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
+    micro_tokens = t.micro_batch_rows * cfg.data.seq_len * info.world_size
+    if t.global_batch_tokens % micro_tokens:
+        raise UserError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of micro_batch_rows x seq_len x "
+            f"world_size = {t.micro_batch_rows} x {cfg.data.seq_len} x {info.world_size} = {micro_tokens}"
+        )
+    ranks = None
+    if o.alpha_mode == "ranks":
+        try:
+            ranks = md_ranks(o.alpha, info.world_size)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    if not cfg.data.path:
+        raise UserError("data.path is not set: point it at a `dual-lm prepare-data` folder")
+    return Plan(t.global_batch_tokens // micro_tokens, ranks, t.global_batch_tokens)
+
+
+def compute_dtype(cfg: TrainConfig, info: DistInfo) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.train.dtype)
+
+
+def summarise(sums: dict[str, float], seq_len: int) -> dict[str, float]:
+    """Per-objective metrics from summed statistics (see ``DualObjective``)."""
+    out: dict[str, float] = {}
+    for name in ("ar", "md"):
+        targets = sums.get(f"{name}_targets", 0.0)
+        if not targets:
+            continue
+        out[f"{name}_nll"] = sums[f"{name}_ce"] / targets
+        out[f"{name}_acc"] = sums[f"{name}_correct"] / targets
+        out[f"{name}_loss"] = sums[f"{name}_weighted"] / (sums[f"{name}_rows"] * seq_len)
+        out[f"{name}_tokens"] = targets
+        out[f"{name}_rows"] = sums[f"{name}_rows"]
+    return out
+
+
+class Trainer:
+    """One training run: build everything from the config, optionally resume, then ``fit``."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.plan = make_plan(cfg, info)
+        self.run_dir = Path(cfg.output)
+        self.shards = TokenShards(cfg.data.path)
+        tokenizer = Path(cfg.data.path) / "tokenizer.json"
+        self.tokenizer = tokenizer if tokenizer.is_file() else None
+        vocab = self.shards.manifest["vocab_size"]
+        torch.manual_seed(cfg.train.seed)
+        shape = cfg.model.shape(vocab, max(cfg.data.seq_len, 2048))
+        self.model = DLMLlamaForCausalLM(llama_config(shape)).to(info.device)
+        if cfg.train.compile:
+            self.model.model.compile()
+        self.objective = DualObjective(self.model, cfg.objective)
+        self.wrapped = self._wrap(self.objective)
+        self.optimizer, self.group_table = build_optimizer(
+            self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.loader = PackedLoader(
+            self.shards, cfg.data.seq_len, cfg.train.micro_batch_rows, cfg.data.repetitions,
+            cfg.train.seed, info.rank, info.world_size,
+        )  # fmt: skip
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank)
+        self.valid = self._valid_shards()
+        self.step = 0
+        self.pending: dict[str, float] = {}
+        self.dtype = compute_dtype(cfg, info)
+
+    def _wrap(self, module):
+        if not self.info.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def _valid_shards(self) -> TokenShards | None:
+        valid = TokenShards(self.cfg.data.path, "valid")
+        if valid.num_tokens + valid.num_documents < self.cfg.data.seq_len + 1:
+            return None
+        return valid
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict:
+        generators = self._gather(self.generator.get_state())
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "generators": generators,
+            "torch_rng": torch.get_rng_state(),
+            "pending": dict(self.pending),
+            "world_size": self.info.world_size,
+        }
+
+    def _gather(self, obj):
+        if not self.info.distributed:
+            return [obj]
+        import torch.distributed as tdist
+
+        out: list = [None] * self.info.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of the run; False when there is none."""
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            return False
+        step, path = found[-1]
+        weights, state, meta = load_checkpoint(path)
+        if state["world_size"] != self.info.world_size:
+            raise UserError(f"{path} was written by {state['world_size']} rank(s); resume with the same world size")
+        if meta["config"] != self.cfg.to_dict():
+            raise UserError(f"{path} was written with another config; resume with the same config and overrides")
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.generator.set_state(state["generators"][self.info.rank])
+        torch.set_rng_state(state["torch_rng"])
+        self.pending = dict(state["pending"])
+        self.step = step
+        return True
+
+    def checkpoint(self) -> None:
+        state = self.trainer_state()
+        if self.info.is_main:
+            meta = {
+                "config": self.cfg.to_dict(),
+                "version": __version__,
+                "tokens": self.step * self.plan.tokens_per_step,
+            }
+            save_checkpoint(self.run_dir, self.step, self.model, state, meta, self.tokenizer)
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.exponential)
+        barrier(self.info)
+
+    # ------------------------------------------------------------------ steps
+    def ar_rows_for(self, batch) -> torch.Tensor:
+        rows = batch.inputs.shape[0]
+        if self.plan.md_ranks is None:
+            return rows_for_ar(rows, self.cfg.objective.alpha, self.generator)
+        md = rank_runs_md(batch.epoch, self.info.rank, self.info.world_size, self.plan.md_ranks)
+        return torch.full((rows,), not md, dtype=torch.bool)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.info.device.type, dtype=self.dtype)
+
+    def train_step(self) -> float:
+        """One optimiser step over ``accumulation`` micro-batches; returns the step's loss."""
+        factor = wsd_lr_factor(self.step, self.cfg.train.steps, self.cfg.optim.warmup, self.cfg.optim.decay,
+                               self.cfg.optim.decay_kind)  # fmt: skip
+        set_lr_factor(self.optimizer, factor)
+        total = 0.0
+        for micro in range(self.plan.accumulation):
+            batch = self.loader.next_batch()
+            ar_rows = self.ar_rows_for(batch)
+            last = micro == self.plan.accumulation - 1
+            sync = nullcontext() if last or not self.info.distributed else self.wrapped.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, stats = self.wrapped(
+                        batch.inputs.to(self.info.device), batch.targets.to(self.info.device),
+                        batch.document_ids.to(self.info.device), ar_rows, self.generator,
+                    )  # fmt: skip
+                (loss / self.plan.accumulation).backward()
+            total += float(loss.detach()) / self.plan.accumulation
+            for key, value in stats.items():
+                self.pending[key] = self.pending.get(key, 0.0) + float(value)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending["loss_sum"] = self.pending.get("loss_sum", 0.0) + total
+        self.pending["steps"] = self.pending.get("steps", 0.0) + 1
+        self.pending["lr"] = self.cfg.optim.lr * factor
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """AR and MD losses on the first ``eval.batches`` validation batches (fixed rows and masks)."""
+        if self.valid is None:
+            return {}
+        self.model.eval()
+        loader = PackedLoader(self.valid, self.cfg.data.seq_len, self.cfg.train.micro_batch_rows, seed=EVAL_SEED)
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        sums: dict[str, float] = {}
+        for _ in range(self.cfg.eval.batches):
+            batch = loader.next_batch()
+            args = [t.to(self.info.device) for t in (batch.inputs, batch.targets, batch.document_ids)]
+            rows = batch.inputs.shape[0]
+            for ar in (True, False):
+                with self.autocast():
+                    _, stats = self.objective(*args, torch.full((rows,), ar), generator)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        self.model.train()
+        metrics = summarise(sums, self.cfg.data.seq_len)
+        return {f"val_{k}": v for k, v in metrics.items() if k in ("ar_nll", "ar_acc", "md_loss", "md_nll", "md_acc")}
+
+
+class MetricsLog:
+    """``RUN/metrics.jsonl``: one JSON object per logged step; on resume, later lines are cut."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+
+def fit(trainer: Trainer, resume: bool) -> dict:
+    """Train to ``train.steps``; returns the last logged record."""
+    cfg, info = trainer.cfg, trainer.info
+    if resume and not trainer.resume() and info.is_main:
+        print(f"no checkpoint in {trainer.run_dir}; starting from step 0")
+    if not resume and list_checkpoints(trainer.run_dir):
+        raise UserError(f"{trainer.run_dir} already holds checkpoints; pass --resume or choose another output")
+    log = MetricsLog(trainer.run_dir, trainer.step, info.is_main, cfg.log.tensorboard)
+    if info.is_main:
+        (trainer.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        print(trainer.group_table)
+    bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", unit="step", disable=not info.is_main)
+    last: dict = {}
+    clock, tokens_since = time.perf_counter(), 0
+    while trainer.step < cfg.train.steps:
+        trainer.train_step()
+        tokens_since += trainer.plan.tokens_per_step
+        step = trainer.step
+        final = step == cfg.train.steps
+        if step % cfg.log.every == 0 or final:
+            last = log_record(trainer, tokens_since / max(time.perf_counter() - clock, 1e-9))
+            clock, tokens_since = time.perf_counter(), 0
+            if (cfg.eval.every and step % cfg.eval.every == 0) or final:
+                last.update(trainer.evaluate())
+            log.write(last)
+            bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "ar_nll", "md_loss") if k in last}
+                            | {"tok/s": f"{last['tokens_per_s']:,.0f}"})  # fmt: skip
+        if step % cfg.checkpoint.every == 0 or final:
+            trainer.checkpoint()
+        bar.update(1)
+    bar.close()
+    return last
+
+
+def log_record(trainer: Trainer, rate: float) -> dict:
+    """Sum the pending statistics over ranks into one record and reset them."""
+    info = trainer.info
+    keys = all_keys(set(trainer.pending), info)
+    sums = sum_across_ranks({k: trainer.pending.get(k, 0.0) for k in keys}, info)
+    steps = max(sums.pop("steps", 1.0) / info.world_size, 1.0)
+    lr = sums.pop("lr", 0.0) / info.world_size
+    record = {
+        "step": trainer.step,
+        "tokens": trainer.step * trainer.plan.tokens_per_step,
+        "lr": lr,
+        "loss": sums.pop("loss_sum", 0.0) / info.world_size / steps,
+        **summarise(sums, trainer.cfg.data.seq_len),
+        "tokens_per_s": rate,
+    }
+    trainer.pending = {}
+    return record
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Entry point of ``dual-lm train`` (also under torchrun)."""
+    info = init_distributed()
+    try:
+        trainer = Trainer(cfg, info)
+        return fit(trainer, resume)
+    finally:
+        shutdown(info)
