@@ -64,7 +64,10 @@ def _train(args) -> int:
     from dual_lm.config import load_train_config
     from dual_lm.train import run_training
 
-    cfg = load_train_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # no YAML file, only overrides
+    cfg = load_train_config(config, overrides)
     run_training(cfg, resume=args.resume)
     return 0
 

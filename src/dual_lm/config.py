@@ -264,7 +264,7 @@ def _fill(obj, values: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise UserError(f"config key {name!r} is a section; give it as a mapping")
             _fill(current, value, f"{name}.")
-        else:
+        elif not (value is None and current is None):  # None keeps an optional field unset
             setattr(obj, key, _coerce(value, current, name))
 
 

@@ -133,12 +133,15 @@ class DualObjective(torch.nn.Module):
         cfg = self.cfg
         batch, length = inputs.shape
         ar_rows = ar_rows.to(inputs.device)
-        md = mask_rows(inputs, targets, generator, replay)
-        model_inputs = torch.where(ar_rows[:, None], inputs, md.inputs)
-        row_targets = torch.where(ar_rows[:, None], targets, md.targets)
-        md_weight = (1.0 / md.rate.float()).to(inputs.device)[:, None]
-        weights = torch.where(ar_rows[:, None], torch.tensor(cfg.ar_weight, device=inputs.device), md_weight)
-        weights = weights.expand(batch, length)
+        ar_weight = torch.tensor(cfg.ar_weight, device=inputs.device)
+        if bool(ar_rows.all()):  # no MD rows: no draw, so the generator advances only when masks are used
+            model_inputs, row_targets, weights = inputs, targets, ar_weight.expand(batch, length)
+        else:
+            md = mask_rows(inputs, targets, generator, replay)
+            model_inputs = torch.where(ar_rows[:, None], inputs, md.inputs)
+            row_targets = torch.where(ar_rows[:, None], targets, md.targets)
+            md_weight = (1.0 / md.rate.float()).to(inputs.device)[:, None]
+            weights = torch.where(ar_rows[:, None], ar_weight, md_weight).expand(batch, length)
         hidden = self.trunk(model_inputs, ar_rows, document_ids)
         total = torch.zeros((), device=inputs.device)
         stats: dict[str, torch.Tensor] = {}

@@ -1,0 +1,206 @@
+"""Training end to end on a tiny model: loss falls, DDP equals one process, kill -9 and resume, bad configs."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dual_lm.cli import main
+from dual_lm.config import load_train_config
+from dual_lm.prepare import PrepareRequest, prepare_data
+from dual_lm.tokenizer import save_tokenizer, train_tokenizer
+from dual_lm.train import run_training
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def sentences(n, seed):
+    rng = random.Random(seed)
+    subjects, verbs, objects = (
+        ["the king", "a fool", "my lord", "the queen"],
+        ["loves", "fears", "sees"],
+        ["him", "the crown", "us"],
+    )
+    return [
+        ". ".join(
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(rng.randint(2, 12))
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    docs = sentences(300, 0)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    save_tokenizer(train_tokenizer(iter(docs), vocab_size=320), root / "tok.json")
+    prepare_data(PrepareRequest(str(root / "tok.json"), (str(root / "corpus.jsonl"),), str(root / "data"), 300, 2))
+    return root / "data"
+
+
+def overrides(data_dir, out, **extra):
+    base = {
+        "data.path": data_dir, "output": out, "data.seq_len": 32, "train.micro_batch_rows": 4,
+        "train.global_batch_tokens": 128, "train.steps": 8, "log.every": 1, "eval.every": 4, "eval.batches": 1,
+        "checkpoint.every": 4, "optim.lr": 0.01,
+    }  # fmt: skip
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_log(run):
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("tokens_per_s")
+    return rows
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_loss_falls(data_dir, tmp_path, alpha):
+    cfg = load_train_config(
+        None,
+        overrides(
+            data_dir,
+            tmp_path / "run",
+            **{"objective.alpha": alpha, "train.steps": 30, "eval.every": 30, "checkpoint.every": 30},
+        ),
+    )
+    run_training(cfg)
+    log = read_log(tmp_path / "run")
+    first, last = log[0]["loss"], sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert "val_ar_nll" in log[-1] and "val_md_loss" in log[-1]
+    if 0 < alpha < 1:
+        assert log[-1]["ar_rows"] > 0 and log[-1]["md_rows"] > 0
+
+
+def cli_train(args, **kwargs):
+    return subprocess.Popen([str(BIN / "dual-lm"), "train", *map(str, args)], env=ENV, **kwargs)
+
+
+def test_kill_minus_nine_then_resume_reproduces_the_log(data_dir, tmp_path):
+    args = overrides(data_dir, tmp_path / "full", **{"train.steps": 12, "objective.alpha": 0.5})
+    assert cli_train(args).wait() == 0
+    args = overrides(data_dir, tmp_path / "killed", **{"train.steps": 12, "objective.alpha": 0.5})
+    proc = cli_train(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-00000004"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists()
+    assert cli_train([*args, "--resume"]).wait() == 0
+    assert read_log(tmp_path / "killed") == read_log(tmp_path / "full")
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-00000012" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoints" / "step-00000012" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_IN_SAVE = r"""
+import os, signal, sys
+from dual_lm import checkpoint
+from dual_lm.cli import main
+original = checkpoint.save_file
+def dying_save(tensors, path, metadata=None):
+    if "step-00000008" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(tensors, path, metadata=metadata)
+checkpoint.save_file = dying_save
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path):
+    args = overrides(data_dir, tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *args], env=ENV, capture_output=True)
+    assert proc.returncode == -9
+    from dual_lm.checkpoint import list_checkpoints, load_checkpoint
+
+    found = list_checkpoints(tmp_path / "run")
+    assert [step for step, _ in found] == [4]
+    weights, _, meta = load_checkpoint(found[0][1])
+    assert meta["step"] == 4 and "model.embed_tokens.weight" in weights
+    assert main(["train", *args, "--resume"]) == 0
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [4, 8]
+
+
+def test_two_gloo_processes_equal_one_process(data_dir, tmp_path):
+    common = {"objective.alpha": 1.0, "train.steps": 2, "train.global_batch_tokens": 256, "eval.every": 0,
+              "checkpoint.every": 2}  # fmt: skip
+    single = overrides(data_dir, tmp_path / "one", **common, **{"train.micro_batch_rows": 8})
+    assert main(["train", *single]) == 0
+    double = overrides(data_dir, tmp_path / "two", **common, **{"train.micro_batch_rows": 4})
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29517", str(BIN / "dual-lm"),
+                           "train", *double], env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "checkpoints" / "step-00000002" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "step-00000002" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=2e-5, msg=key)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["objectiv.alpha=0.5"], "unknown config key 'objectiv' (did you mean 'objective'?)"),
+        (["objective.alpha=1.5"], "objective.alpha must lie in [0, 1]"),
+        (["objective.alpha_mode=ranks", "objective.alpha=0.5"], "cannot be realised by splitting 1 rank"),
+        (["train.global_batch_tokens=100"], "is not a multiple of micro_batch_rows x seq_len"),
+        (["train.steps=many"], "train.steps must be an integer"),
+    ],
+)
+def test_bad_configs_give_one_clear_error(data_dir, tmp_path, extra, message):
+    proc = subprocess.run([str(BIN / "dual-lm"), "train", *overrides(data_dir, tmp_path / "r"), *extra],
+                          env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_missing_config_file_and_existing_run(data_dir, tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    args = overrides(data_dir, tmp_path / "r", **{"train.steps": 4})
+    assert main(["train", *args]) == 0
+    assert main(["train", *args]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_yaml_config_export_plot(data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output: {tmp_path / 'run'}\ndata:\n  path: {data_dir}\n  seq_len: 32\n  repetitions: 2\n"
+                      "train:\n  steps: 4\n  micro_batch_rows: 4\n  global_batch_tokens: 128\n"
+                      "objective:\n  alpha: 0.75\n")  # fmt: skip
+    assert main(["train", str(config), "log.every=1", "checkpoint.every=4"]) == 0
+    assert main(["export", str(tmp_path / "run")]) == 0
+    folder = tmp_path / "run" / "alpha_0.750_n-reps=2"
+    from dual_lm.folder import load_model
+
+    model = load_model(folder)
+    vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
+    assert (folder / "tokenizer.json").is_file() and model.config.vocab_size == vocab
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    shutil.rmtree(folder)
+
+
+def test_recommend_alpha(capsys):
+    assert main(["recommend-alpha", "--repetitions", "4"]) == 0
+    assert "alpha = 0.984375" in capsys.readouterr().out
+    assert main(["recommend-alpha", "--unique-tokens", "1000", "--budget-tokens", "128000"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha = 0.125000" in out and "alpha_0.125_n-reps=128" in out
+    assert main(["recommend-alpha"]) == 2
