@@ -51,10 +51,18 @@ def data_dir(tmp_path_factory):
 
 def overrides(data_dir, out, **extra):
     base = {
-        "data.path": data_dir, "output": out, "data.seq_len": 32, "train.micro_batch_rows": 4,
-        "train.global_batch_tokens": 128, "train.steps": 8, "log.every": 1, "eval.every": 4, "eval.batches": 1,
-        "checkpoint.every": 4, "optim.lr": 0.01,
-    }  # fmt: skip
+        "data.path": data_dir,
+        "output": out,
+        "data.seq_len": 32,
+        "train.micro_batch_rows": 4,
+        "train.global_batch_tokens": 128,
+        "train.steps": 8,
+        "log.every": 1,
+        "eval.every": 4,
+        "eval.batches": 1,
+        "checkpoint.every": 4,
+        "optim.lr": 0.01,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -137,13 +145,23 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path)
 
 
 def test_two_gloo_processes_equal_one_process(data_dir, tmp_path):
-    common = {"objective.alpha": 1.0, "train.steps": 2, "train.global_batch_tokens": 256, "eval.every": 0,
-              "checkpoint.every": 2}  # fmt: skip
+    common = {
+        "objective.alpha": 1.0,
+        "train.steps": 2,
+        "train.global_batch_tokens": 256,
+        "eval.every": 0,
+        "checkpoint.every": 2,
+    }
     single = overrides(data_dir, tmp_path / "one", **common, **{"train.micro_batch_rows": 8})
     assert main(["train", *single]) == 0
     double = overrides(data_dir, tmp_path / "two", **common, **{"train.micro_batch_rows": 4})
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29517", str(BIN / "dual-lm"),
-                           "train", *double], env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29517", str(BIN / "dual-lm"), "train", *double],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(tmp_path / "one" / "checkpoints" / "step-00000002" / "model.safetensors")
     b = load_file(tmp_path / "two" / "checkpoints" / "step-00000002" / "model.safetensors")
@@ -164,8 +182,12 @@ def test_two_gloo_processes_equal_one_process(data_dir, tmp_path):
     ],
 )
 def test_bad_configs_give_one_clear_error(data_dir, tmp_path, extra, message):
-    proc = subprocess.run([str(BIN / "dual-lm"), "train", *overrides(data_dir, tmp_path / "r"), *extra],
-                          env=ENV, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "dual-lm"), "train", *overrides(data_dir, tmp_path / "r"), *extra],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr, proc.stderr
 
@@ -181,9 +203,11 @@ def test_missing_config_file_and_existing_run(data_dir, tmp_path, capsys):
 
 def test_yaml_config_export_plot(data_dir, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"output: {tmp_path / 'run'}\ndata:\n  path: {data_dir}\n  seq_len: 32\n  repetitions: 2\n"
-                      "train:\n  steps: 4\n  micro_batch_rows: 4\n  global_batch_tokens: 128\n"
-                      "objective:\n  alpha: 0.75\n")  # fmt: skip
+    config.write_text(
+        f"output: {tmp_path / 'run'}\ndata:\n  path: {data_dir}\n  seq_len: 32\n  repetitions: 2\n"
+        "train:\n  steps: 4\n  micro_batch_rows: 4\n  global_batch_tokens: 128\n"
+        "objective:\n  alpha: 0.75\n"
+    )
     assert main(["train", str(config), "log.every=1", "checkpoint.every=4"]) == 0
     assert main(["export", str(tmp_path / "run")]) == 0
     folder = tmp_path / "run" / "alpha_0.750_n-reps=2"

@@ -102,7 +102,7 @@ def _recommend(args) -> int:
 def _demo(args) -> int:
     from dual_lm.demo import run_demo
 
-    return run_demo(Path(args.fixture), Path(args.output))
+    return run_demo(Path(args.fixture), Path(args.workdir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job (run by `make demo`)")
     p.add_argument("--fixture", default="../shared/reference/parity-tiny", help="reference parity checkpoint folder")
-    p.add_argument("--output", default="runs/demo/parity-tiny", help="where to write the converted model folder")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its data, run and model folder")
     p.set_defaults(func=_demo)
     return parser
 

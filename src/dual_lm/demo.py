@@ -1,68 +1,153 @@
-"""``make demo`` at this stage: convert the reference parity checkpoint and run it in every mode."""
+"""``make demo``: the main job end to end on this CPU.
+
+1. (when the reference fixture is beside the repository) check parity with the reference logits;
+2. train the tokenizer recipe on the embedded Shakespeare corpus and prepare token shards;
+3. train a small dual model (configs/tiny.yaml) with a progress bar, resumable if interrupted;
+4. export a model folder and use it in every mode: a causal continuation, a prefix-mode
+   continuation, a ``<mask>`` fill, and validation perplexity.
+
+Every stage is skipped when its output already exists, so a second ``make demo`` is quick and an
+interrupted one continues where it stopped.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from dual_lm.convert import convert_reference
-from dual_lm.folder import describe_folder, load_model
+from dual_lm.config import MASK_ID, load_train_config
 
 DEFAULT_FIXTURE = Path("../shared/reference/parity-tiny")
+DEMO_CONFIG = Path("configs/tiny.yaml")
+PROMPTS = ["ROMEO.\nBut soft, what light", "KING.\nMy lord, the"]
+FILLS = ["To be, or not to be, that is the question", "Now is the winter of our discontent"]
 
 
-def _patterns(ids, masked, docs, prefix_length):
-    batch = ids.shape[0]
-    prefix = torch.full((batch,), prefix_length, dtype=torch.long)
-    return {
-        "causal": (ids, {}),
-        "bidirectional": (masked, {"attention_mode": "bidirectional"}),
-        "prefix": (ids, {"prefix_lengths": prefix}),
-        "causal_two_documents": (ids, {"document_ids": docs}),
-        "bidirectional_two_documents": (masked, {"attention_mode": "bidirectional", "document_ids": docs}),
-    }
+def parity_check(fixture: Path, out_dir: Path) -> bool:
+    """Convert the reference parity checkpoint and compare all five attention patterns (1e-4)."""
+    from dual_lm.convert import convert_reference
+    from dual_lm.folder import load_model
 
-
-def run_demo(fixture: Path = DEFAULT_FIXTURE, out_dir: Path = Path("runs/demo/parity-tiny")) -> int:
-    """Convert the fixture, check all five attention patterns against the reference logits, show each mode."""
-    if not (fixture / "state_dict.bin").is_file():
-        print(f"the reference parity fixture is not at {fixture}; nothing to convert.")
-        print("Pass --fixture DIR pointing at a folder with config.json, state_dict.bin and expected.safetensors.")
-        return 1
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    print(f"1. convert-reference {fixture} -> {out_dir}")
     convert_reference(fixture / "config.json", fixture / "state_dict.bin", out_dir)
-    print(describe_folder(out_dir))
     model = load_model(out_dir)
     expected = load_file(str(fixture / "expected.safetensors"))
     ids, masked = expected["input_ids"], expected["input_ids_masked"]
     docs = expected["document_ids_two_documents"].long()
-
-    print("\n2. the five attention patterns against the reference implementation's logits")
-    print(f"   {'pattern':<30} {'max |ours - reference|':>24}")
+    patterns = {
+        "causal": (ids, {}),
+        "bidirectional": (masked, {"attention_mode": "bidirectional"}),
+        "prefix": (ids, {"prefix_lengths": torch.tensor([9, 9])}),
+        "causal_two_documents": (ids, {"document_ids": docs}),
+        "bidirectional_two_documents": (masked, {"attention_mode": "bidirectional", "document_ids": docs}),
+    }
     worst = 0.0
     with torch.no_grad():
-        for name, (inputs, kwargs) in _patterns(ids, masked, docs, prefix_length=9).items():
-            diff = (model(inputs, **kwargs).logits - expected[f"logits_{name}"]).abs().max().item()
-            worst = max(worst, diff)
-            print(f"   {name:<30} {diff:>24.2e}")
+        for name, (inputs, kwargs) in patterns.items():
+            worst = max(worst, (model(inputs, **kwargs).logits - expected[f"logits_{name}"]).abs().max().item())
+    ok = worst < 1e-4
+    verdict = "PASS" if ok else "FAIL"
+    print(f"   five attention patterns vs the reference logits: worst difference {worst:.1e} -> {verdict}")
+    return ok
 
-        print("\n3. the model in each mode (token ids; the fixture has no tokenizer)")
-        prompt = ids[:1, :9]
-        greedy = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, 9:].tolist()
-        print(f"   causal generate (KV cache), prompt {prompt[0].tolist()} -> {greedy}")
-        prefix = model(ids[:1], prefix_lengths=torch.tensor([9])).logits[0, 8].argmax().item()
-        print(f"   prefix mode: first 9 tokens bidirectional, next-token prediction at position 8 -> {prefix}")
-        masked_logits = model(masked[:1], attention_mode="bidirectional").logits[0]
-        for pos in (masked[0] == 4).nonzero().flatten().tolist():
-            guess = masked_logits[pos - 1].argmax().item()
-            print(
-                f"   masked mode: <mask> at position {pos} read at {pos - 1} -> {guess} (original {ids[0, pos].item()})"
-            )
-    verdict = "PASS" if worst < 1e-4 else "FAIL"
-    print(f"\nparity with the reference: {verdict} (worst difference {worst:.2e}, tolerance 1e-4)")
-    return 0 if verdict == "PASS" else 1
+
+def prepare(workdir: Path) -> Path:
+    """Tokenizer and shards for the embedded corpus (skipped when already there)."""
+    from dual_lm.corpus import ReadStats, expand_sources, iter_documents
+    from dual_lm.prepare import PrepareRequest, prepare_data
+    from dual_lm.tokenizer import save_tokenizer, train_tokenizer
+
+    tokenizer = workdir / "tokenizer.json"
+    if not tokenizer.is_file():
+        stats = ReadStats()
+        trained = train_tokenizer(iter_documents(expand_sources(["corpus:shakespeare"]), stats=stats), 4096)
+        save_tokenizer(trained, tokenizer)
+        print(f"   trained a 4,096-token BPE tokenizer on {stats.documents} acts of 42 plays and poems")
+    data = workdir / "data"
+    manifest = prepare_data(PrepareRequest(str(tokenizer), ("corpus:shakespeare",), str(data), 30_000, 1))
+    print(f"   {manifest['train_tokens']:,} training and {manifest['valid']['tokens']:,} validation tokens in {data}")
+    return data
+
+
+def train(workdir: Path, data: Path):
+    """Train (or resume, or skip when finished) the demo run; returns its config."""
+    from dual_lm.checkpoint import list_checkpoints
+    from dual_lm.train import run_training
+
+    cfg = load_train_config(DEMO_CONFIG, [f"output={workdir / 'run'}", f"data.path={data}"])
+    done = list_checkpoints(Path(cfg.output))
+    if done and done[-1][0] == cfg.train.steps:
+        print(f"   already trained ({cfg.train.steps} steps in {cfg.output}); delete it to train again")
+    else:
+        run_training(cfg, resume=bool(done))
+    return cfg
+
+
+def show(folder: Path, run_dir: Path) -> None:
+    """Use the exported model in every mode."""
+    from transformers import AutoTokenizer
+
+    from dual_lm.folder import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = load_model(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            n = ids.shape[1]
+            for label, extra in (("causal", {}), ("prefix", {"prefix_lengths": torch.tensor([n])})):
+                out = model.generate(ids, max_new_tokens=40, do_sample=True, top_p=0.9, temperature=0.8, **extra)
+                text = tokenizer.decode(out[0, n:], skip_special_tokens=True)
+                print(f"   [{label:>6}] {prompt!r} ->{text!r}")
+        for sentence in FILLS:
+            _fill(model, tokenizer, sentence)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "val_ar_nll" in r][-1]
+    ar, md = last["val_ar_nll"], last["val_md_loss"]
+    print(f"   validation perplexity (causal): {math.exp(ar):.1f}  (AR {ar:.3f} nats/token, MD loss {md:.3f})")
+
+
+def _fill(model, tokenizer, sentence: str) -> None:
+    """Mask one word of ``sentence`` and read it from the position before the mask (MNTP)."""
+    ids = tokenizer(sentence, return_tensors="pt")["input_ids"]
+    position = ids.shape[1] // 2
+    truth = tokenizer.decode(ids[0, position])
+    masked = ids.clone()
+    masked[0, position] = MASK_ID
+    logits = model(masked, attention_mode="bidirectional").logits[0, position - 1]
+    top = torch.softmax(logits.float(), -1).topk(5)
+    shown = f"{tokenizer.decode(ids[0, 1:position])} [___]{tokenizer.decode(ids[0, position + 1 :])}"
+    guesses = ", ".join(f"{tokenizer.decode(i)!r} {p:.2f}" for p, i in zip(top.values, top.indices, strict=True))
+    print(f"   [  fill] {shown!r}: {guesses} (truth {truth!r})")
+
+
+def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo")) -> int:
+    """The whole main job; returns the process exit status."""
+    print("0. parity with the reference implementation")
+    if (fixture / "state_dict.bin").is_file():
+        if not parity_check(fixture, workdir / "parity-tiny"):
+            return 1
+    else:
+        print(f"   skipped: no reference fixture at {fixture}")
+    print("1. tokenizer and token shards from the embedded corpus (corpus:shakespeare)")
+    data = prepare(workdir)
+    print(f"2. training a dual model ({DEMO_CONFIG})")
+    cfg = train(workdir, data)
+    print("3. export")
+    from dual_lm.checkpoint import branch_name, export_checkpoint
+
+    folder = export_checkpoint(cfg.output, workdir / branch_name(cfg.objective.alpha, cfg.data.repetitions))
+    print(f"   model folder {folder} (dual-lm info {folder})")
+    print("4. the model in every mode")
+    show(folder, Path(cfg.output))
+    from dual_lm.plot import plot_run
+
+    print(f"   loss curves: {plot_run(cfg.output)}")
+    return 0

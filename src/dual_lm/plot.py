@@ -43,7 +43,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.plot(xs, ys, marker="o" if key.startswith("val") else None, markersize=3, label=label)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss")
-    ax.set_title(f"dual-lm run {run_dir.name}")
+    ax.set_title(f"dual-lm: {run_dir.resolve().parent.name}/{run_dir.name}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

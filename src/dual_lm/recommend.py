@@ -29,8 +29,10 @@ def recommend_alpha(repetitions: float) -> tuple[float, list[str]]:
         "which keeps improving on repeated data where pure AR overfits.",
     ]
     if r in RELEASED:
-        lines.append(f"The released model for R = {r:g} uses alpha = {RELEASED[r]} (branch "
-                     f"alpha_{RELEASED[r]:.3f}_n-reps={r:g}).")  # fmt: skip
+        lines.append(
+            f"The released model for R = {r:g} uses alpha = {RELEASED[r]} (branch "
+            f"alpha_{RELEASED[r]:.3f}_n-reps={r:g})."
+        )
     return alpha, lines
 
 

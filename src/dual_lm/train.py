@@ -47,8 +47,12 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
         raise UserError(f"objective.alpha must lie in [0, 1], got {o.alpha}")
     if o.alpha_mode not in ("rows", "ranks"):
         raise UserError(f"objective.alpha_mode must be 'rows' or 'ranks', got {o.alpha_mode!r}")
-    for name, value in (("train.steps", t.steps), ("train.micro_batch_rows", t.micro_batch_rows),
-                        ("data.seq_len", cfg.data.seq_len), ("data.repetitions", cfg.data.repetitions)):  # fmt: skip
+    for name, value in (
+        ("train.steps", t.steps),
+        ("train.micro_batch_rows", t.micro_batch_rows),
+        ("data.seq_len", cfg.data.seq_len),
+        ("data.repetitions", cfg.data.repetitions),
+    ):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     if t.dtype not in ("auto", "float32", "bfloat16"):
@@ -113,9 +117,14 @@ class Trainer:
             self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
         )
         self.loader = PackedLoader(
-            self.shards, cfg.data.seq_len, cfg.train.micro_batch_rows, cfg.data.repetitions,
-            cfg.train.seed, info.rank, info.world_size,
-        )  # fmt: skip
+            self.shards,
+            cfg.data.seq_len,
+            cfg.train.micro_batch_rows,
+            cfg.data.repetitions,
+            cfg.train.seed,
+            info.rank,
+            info.world_size,
+        )
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank)
         self.valid = self._valid_shards()
         self.step = 0
@@ -204,8 +213,9 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimiser step over ``accumulation`` micro-batches; returns the step's loss."""
-        factor = wsd_lr_factor(self.step, self.cfg.train.steps, self.cfg.optim.warmup, self.cfg.optim.decay,
-                               self.cfg.optim.decay_kind)  # fmt: skip
+        factor = wsd_lr_factor(
+            self.step, self.cfg.train.steps, self.cfg.optim.warmup, self.cfg.optim.decay, self.cfg.optim.decay_kind
+        )
         set_lr_factor(self.optimizer, factor)
         total = 0.0
         for micro in range(self.plan.accumulation):
@@ -216,9 +226,12 @@ class Trainer:
             with sync:
                 with self.autocast():
                     loss, stats = self.wrapped(
-                        batch.inputs.to(self.info.device), batch.targets.to(self.info.device),
-                        batch.document_ids.to(self.info.device), ar_rows, self.generator,
-                    )  # fmt: skip
+                        batch.inputs.to(self.info.device),
+                        batch.targets.to(self.info.device),
+                        batch.document_ids.to(self.info.device),
+                        ar_rows,
+                        self.generator,
+                    )
                 (loss / self.plan.accumulation).backward()
             total += float(loss.detach()) / self.plan.accumulation
             for key, value in stats.items():
@@ -313,8 +326,10 @@ def fit(trainer: Trainer, resume: bool) -> dict:
             if (cfg.eval.every and step % cfg.eval.every == 0) or final:
                 last.update(trainer.evaluate())
             log.write(last)
-            bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "ar_nll", "md_loss") if k in last}
-                            | {"tok/s": f"{last['tokens_per_s']:,.0f}"})  # fmt: skip
+            bar.set_postfix(
+                {k: f"{last[k]:.3f}" for k in ("loss", "ar_nll", "md_loss") if k in last}
+                | {"tok/s": f"{last['tokens_per_s']:,.0f}"}
+            )
         if step % cfg.checkpoint.every == 0 or final:
             trainer.checkpoint()
         bar.update(1)
