@@ -6,7 +6,8 @@
 #
 # Environment: PEAK (nominal dense bf16 FLOP/s, default 989e12 = H100 SXM; H200 is the same),
 # ROWS (micro-batch rows, default 8), STEPS (timed steps, default 6), COMPILE (1 = also time
-# train.compile=true, default 1). Run from the repository root.
+# train.compile=true, default 1). Expect 2-3 minutes on an H100, most of it compiling (COMPILE=0
+# skips that) and ~60 GiB of GPU memory at ROWS=8 (four 470m models with optimiser state are held at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -228,3 +228,35 @@ def test_recommend_alpha(capsys):
     out = capsys.readouterr().out
     assert "alpha = 0.125000" in out and "alpha_0.125_n-reps=128" in out
     assert main(["recommend-alpha"]) == 2
+
+
+def torchrun(args, port):
+    return subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", str(BIN / "dual-lm"),
+                           "train", *args], env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_fsdp2_equals_ddp_and_resumes(data_dir, tmp_path):
+    common = {"objective.alpha": 0.5, "objective.alpha_mode": "ranks", "train.steps": 4, "eval.every": 0,
+              "train.global_batch_tokens": 256,
+              "checkpoint.every": 2, "checkpoint.keep_last": 5}  # fmt: skip
+    ddp = overrides(data_dir, tmp_path / "ddp", **common)
+    fsdp = overrides(data_dir, tmp_path / "fsdp", **common, **{"train.fsdp": "true"})
+    for args, port in ((ddp, 29531), (fsdp, 29532)):
+        proc = torchrun(args, port)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    final = "checkpoints/step-00000004/model.safetensors"
+    a, b = load_file(tmp_path / "ddp" / final), load_file(tmp_path / "fsdp" / final)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6, msg=key)
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000004")  # as if killed after step 2's checkpoint
+    proc = torchrun([*fsdp, "--resume"], 29533)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = load_file(tmp_path / "fsdp" / final)
+    for key in a:
+        torch.testing.assert_close(c[key], b[key], atol=1e-6, rtol=1e-6, msg=key)
+    assert read_log(tmp_path / "fsdp") == read_log(tmp_path / "ddp")
+
+
+def test_fsdp_needs_torchrun(data_dir, tmp_path, capsys):
+    assert main(["train", *overrides(data_dir, tmp_path / "r"), "train.fsdp=true"]) == 2
+    assert "launch with torchrun" in capsys.readouterr().err

@@ -45,14 +45,16 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, meta: dict, tokenizer: Path | None) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, weights: dict, trainer_state: dict, meta: dict, tokenizer: Path | None
+) -> Path:
     """Write the checkpoint of ``step`` atomically; returns its folder."""
     final = checkpoint_dir(run_dir, step)
     staging = final.with_name(f".{final.name}.tmp")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
     torch.save(trainer_state, staging / "trainer.pt")
     (staging / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2))

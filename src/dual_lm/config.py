@@ -197,6 +197,7 @@ class TrainSection:
     seed: int = 0
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimiser state with FSDP2 (torchrun only)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dual_lm.config import MASK_ID, NUM_SPECIAL_TOKENS, ObjectiveConfig
 from dual_lm.modeling_dlm_llama import allowed_attention
@@ -95,8 +96,8 @@ def weighted_head_loss(head, hidden, targets, weights, z_coefficient: float, nor
     logits = head(hidden[where]).float()  # [N, V]
     gold = targets[where]
     w = weights[where]
-    lse = torch.logsumexp(logits, dim=-1)
-    ce = lse - logits.gather(1, gold[:, None]).squeeze(1)  # = cross-entropy, sharing the one logsumexp
+    ce = F.cross_entropy(logits, gold, reduction="none")
+    lse = ce + logits.gather(1, gold[:, None]).squeeze(1)  # logsumexp from the fused CE kernel, no second pass
     weighted = (w * ce).sum()
     loss = (weighted + z_coefficient * (w * lse.square()).sum()) / normaliser
     sums = {

@@ -198,10 +198,11 @@ class MuonAdamW(torch.optim.Optimizer):
             updates.append(p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf)
         if not params:
             return
-        orthogonal = _orthogonalise(updates, group["ns_steps"], group["batched"])
+        full = [_full_tensor(u) for u in updates]  # FSDP2 shards: orthogonalise the whole matrix
+        orthogonal = _orthogonalise(full, group["ns_steps"], group["batched"])
         for p, o in zip(params, orthogonal, strict=True):
             p.mul_(1 - lr * wd)
-            p.add_(o.to(p.dtype), alpha=-lr * MUON_SCALE * math.sqrt(max(p.shape)))
+            p.add_(_shard_like(o.to(p.dtype), p), alpha=-lr * MUON_SCALE * math.sqrt(max(p.shape)))
 
     def _adamw_group(self, group: dict) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -224,6 +225,20 @@ class MuonAdamW(torch.optim.Optimizer):
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             p.mul_(1 - lr * wd)
             p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
+
+
+def _full_tensor(t: Tensor) -> Tensor:
+    """The whole matrix of a (possibly FSDP2-sharded) DTensor; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard_like(update: Tensor, param: Tensor) -> Tensor:
+    """``update`` laid out like ``param``: every rank computed the same full update, so each keeps its slice."""
+    if not hasattr(param, "device_mesh"):
+        return update
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def _orthogonalise(updates: list[Tensor], steps: int, batched: bool) -> list[Tensor]:

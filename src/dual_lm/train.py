@@ -69,6 +69,8 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
             ranks = md_ranks(o.alpha, info.world_size)
         except ValueError as err:
             raise UserError(str(err)) from None
+    if t.fsdp and not info.distributed:
+        raise UserError("train.fsdp=true shards over ranks: launch with torchrun --nproc_per_node=2 or more")
     if not cfg.data.path:
         raise UserError("data.path is not set: point it at a `dual-lm prepare-data` folder")
     return Plan(t.global_batch_tokens // micro_tokens, ranks, t.global_batch_tokens)
@@ -108,7 +110,8 @@ class Trainer:
         vocab = self.shards.manifest["vocab_size"]
         torch.manual_seed(cfg.train.seed)
         shape = cfg.model.shape(vocab, max(cfg.data.seq_len, 2048))
-        self.model = DLMLlamaForCausalLM(llama_config(shape)).to(info.device)
+        with info.device:  # initialise on the device: a 470M model takes ~25 s to initialise on a CPU
+            self.model = DLMLlamaForCausalLM(llama_config(shape))
         if cfg.train.compile:
             self.model.model.compile()
         self.objective = DualObjective(self.model, cfg.objective)
@@ -134,6 +137,14 @@ class Trainer:
     def _wrap(self, module):
         if not self.info.distributed:
             return module
+        if self.cfg.train.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.model.layers:
+                fully_shard(layer)
+            fully_shard(self.model.model)  # embedding and final norm
+            fully_shard(self.model.lm_head)  # the objective calls the head on its own
+            return fully_shard(module)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.info.device.index] if self.info.device.type == "cuda" else None
@@ -146,10 +157,40 @@ class Trainer:
         return valid
 
     # ------------------------------------------------------------------ state
+    def _full_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def model_state(self) -> dict:
+        """Full, unsharded weights (a collective under FSDP: every rank calls it)."""
+        if not self.cfg.train.fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=self._full_options())
+
+    def optimizer_state(self) -> dict:
+        if not self.cfg.train.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self._full_options())
+
+    def load_states(self, weights: dict, optimizer: dict) -> None:
+        if not self.cfg.train.fsdp:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(optimizer)
+            return
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(self.model, weights, options=self._full_options())
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=self._full_options())
+
     def trainer_state(self) -> dict:
         generators = self._gather(self.generator.get_state())
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer_state(),
             "loader": self.loader.state_dict(),
             "generators": generators,
             "torch_rng": torch.get_rng_state(),
@@ -177,8 +218,7 @@ class Trainer:
             raise UserError(f"{path} was written by {state['world_size']} rank(s); resume with the same world size")
         if meta["config"] != self.cfg.to_dict():
             raise UserError(f"{path} was written with another config; resume with the same config and overrides")
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_states(weights, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         self.generator.set_state(state["generators"][self.info.rank])
         torch.set_rng_state(state["torch_rng"])
@@ -187,14 +227,14 @@ class Trainer:
         return True
 
     def checkpoint(self) -> None:
-        state = self.trainer_state()
+        state, weights = self.trainer_state(), self.model_state()
         if self.info.is_main:
             meta = {
                 "config": self.cfg.to_dict(),
                 "version": __version__,
                 "tokens": self.step * self.plan.tokens_per_step,
             }
-            save_checkpoint(self.run_dir, self.step, self.model, state, meta, self.tokenizer)
+            save_checkpoint(self.run_dir, self.step, weights, state, meta, self.tokenizer)
             prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.exponential)
         barrier(self.info)
 
@@ -205,6 +245,15 @@ class Trainer:
             return rows_for_ar(rows, self.cfg.objective.alpha, self.generator)
         md = rank_runs_md(batch.epoch, self.info.rank, self.info.world_size, self.plan.md_ranks)
         return torch.full((rows,), not md, dtype=torch.bool)
+
+    def gradient_sync(self, last: bool):
+        """Synchronise gradients only on the last micro-batch of a step."""
+        if not self.info.distributed:
+            return nullcontext()
+        if self.cfg.train.fsdp:
+            self.wrapped.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.wrapped.no_sync()
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -222,8 +271,7 @@ class Trainer:
             batch = self.loader.next_batch()
             ar_rows = self.ar_rows_for(batch)
             last = micro == self.plan.accumulation - 1
-            sync = nullcontext() if last or not self.info.distributed else self.wrapped.no_sync()
-            with sync:
+            with self.gradient_sync(last):
                 with self.autocast():
                     loss, stats = self.wrapped(
                         batch.inputs.to(self.info.device),
