@@ -322,3 +322,12 @@ def test_build_optimizer_on_fresh_model_trains(tiny_config):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_bfloat16_newton_schulz_stays_close_to_float32():
+    from dual_lm.optim import newton_schulz
+
+    g = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    full, half = newton_schulz(g), newton_schulz(g, dtype=torch.bfloat16).float()
+    cosine = torch.nn.functional.cosine_similarity(full.flatten(), half.flatten(), dim=0)
+    assert half.dtype == torch.float32 and cosine > 0.99

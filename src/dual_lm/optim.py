@@ -134,6 +134,7 @@ class MuonAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         batched: bool = True,
         kind: str | None = None,
+        ns_dtype: str = "float32",
     ):
         if lr < 0 or weight_decay < 0 or eps < 0:
             raise ValueError(f"lr, weight_decay and eps must be >= 0, got {lr}, {weight_decay}, {eps}")
@@ -149,6 +150,7 @@ class MuonAdamW(torch.optim.Optimizer):
             eps=eps,
             batched=batched,
             kind=kind,
+            ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
 
@@ -199,7 +201,8 @@ class MuonAdamW(torch.optim.Optimizer):
         if not params:
             return
         full = [_full_tensor(u) for u in updates]  # FSDP2 shards: orthogonalise the whole matrix
-        orthogonal = _orthogonalise(full, group["ns_steps"], group["batched"])
+        dtype = getattr(torch, group.get("ns_dtype", "float32"))
+        orthogonal = _orthogonalise(full, group["ns_steps"], group["batched"], dtype)
         for p, o in zip(params, orthogonal, strict=True):
             p.mul_(1 - lr * wd)
             p.add_(_shard_like(o.to(p.dtype), p), alpha=-lr * MUON_SCALE * math.sqrt(max(p.shape)))
@@ -241,19 +244,21 @@ def _shard_like(update: Tensor, param: Tensor) -> Tensor:
     return distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
 
 
-def _orthogonalise(updates: list[Tensor], steps: int, batched: bool) -> list[Tensor]:
+def _orthogonalise(
+    updates: list[Tensor], steps: int, batched: bool, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
     """``newton_schulz`` of each update; with ``batched`` same-shape/device updates share one batched call."""
     if not batched:
-        return [newton_schulz(u, steps) for u in updates]
+        return [newton_schulz(u, steps, dtype) for u in updates]
     buckets: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
         buckets.setdefault((tuple(u.shape), u.device), []).append(i)
     out: list[Tensor] = [torch.empty(0)] * len(updates)
     for indices in buckets.values():
         if len(indices) == 1:
-            out[indices[0]] = newton_schulz(updates[indices[0]], steps)
+            out[indices[0]] = newton_schulz(updates[indices[0]], steps, dtype)
             continue
-        stacked = newton_schulz(torch.stack([updates[i] for i in indices]), steps)
+        stacked = newton_schulz(torch.stack([updates[i] for i in indices]), steps, dtype)
         for i, o in zip(indices, stacked.unbind(0), strict=True):
             out[i] = o
     return out
@@ -339,6 +344,7 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     batched: bool = True,
+    ns_dtype: str = "float32",
 ) -> tuple[MuonAdamW, str]:
     """The reference optimiser for ``model`` and its printable group table (``group_table``).
 
@@ -356,6 +362,7 @@ def build_optimizer(
         betas=betas,
         eps=eps,
         batched=batched,
+        ns_dtype=ns_dtype,
     )
     return optimizer, group_table(optimizer)
 

@@ -55,6 +55,8 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
     ):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
+    if cfg.optim.ns_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"optim.ns_dtype must be float32 or bfloat16, got {cfg.optim.ns_dtype!r}")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     micro_tokens = t.micro_batch_rows * cfg.data.seq_len * info.world_size
@@ -117,7 +119,7 @@ class Trainer:
         self.objective = DualObjective(self.model, cfg.objective)
         self.wrapped = self._wrap(self.objective)
         self.optimizer, self.group_table = build_optimizer(
-            self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+            self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, ns_dtype=cfg.optim.ns_dtype
         )
         self.loader = PackedLoader(
             self.shards,
