@@ -231,14 +231,25 @@ def test_recommend_alpha(capsys):
 
 
 def torchrun(args, port):
-    return subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", str(BIN / "dual-lm"),
-                           "train", *args], env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", str(BIN / "dual-lm"), "train", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_fsdp2_equals_ddp_and_resumes(data_dir, tmp_path):
-    common = {"objective.alpha": 0.5, "objective.alpha_mode": "ranks", "train.steps": 4, "eval.every": 0,
-              "train.global_batch_tokens": 256,
-              "checkpoint.every": 2, "checkpoint.keep_last": 5}  # fmt: skip
+    common = {
+        "objective.alpha": 0.5,
+        "objective.alpha_mode": "ranks",
+        "train.steps": 4,
+        "eval.every": 0,
+        "train.global_batch_tokens": 256,
+        "checkpoint.every": 2,
+        "checkpoint.keep_last": 5,
+    }
     ddp = overrides(data_dir, tmp_path / "ddp", **common)
     fsdp = overrides(data_dir, tmp_path / "fsdp", **common, **{"train.fsdp": "true"})
     for args, port in ((ddp, 29531), (fsdp, 29532)):
@@ -260,3 +271,23 @@ def test_fsdp2_equals_ddp_and_resumes(data_dir, tmp_path):
 def test_fsdp_needs_torchrun(data_dir, tmp_path, capsys):
     assert main(["train", *overrides(data_dir, tmp_path / "r"), "train.fsdp=true"]) == 2
     assert "launch with torchrun" in capsys.readouterr().err
+
+
+def test_tensorboard_and_checkpoint_retention(data_dir, tmp_path):
+    args = overrides(
+        data_dir,
+        tmp_path / "r",
+        **{
+            "train.steps": 8,
+            "checkpoint.every": 1,
+            "checkpoint.keep_last": 2,
+            "checkpoint.exponential": "true",
+            "log.tensorboard": "true",
+        },
+    )
+    assert main(["train", *args]) == 0
+    from dual_lm.checkpoint import list_checkpoints
+
+    assert [step for step, _ in list_checkpoints(tmp_path / "r")] == [1, 2, 4, 7, 8]  # powers of two + last two
+    events = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
