@@ -266,3 +266,15 @@ def test_shards_are_memory_mapped(prepared):
     shards = TokenShards(out)
     assert all(isinstance(t, np.memmap) for t in shards.tokens if t.size)
     assert os.path.getsize(out / "train-00000.tokens") == shards.tokens[0].size * 2
+
+
+def test_rerun_with_other_validation_does_not_reuse_moved_shards(tmp_path, tokenizer_51200):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(40, seed=5))
+    out = tmp_path / "o"
+    prepare_data(PrepareRequest(str(tokenizer_51200), (str(corpus),), str(out), 10, 3))
+    (out / "manifest.json").unlink()  # as if killed before the manifest
+    prepare_data(PrepareRequest(str(tokenizer_51200), (str(corpus),), str(out), 400, 3))
+    fresh = tmp_path / "f"
+    prepare_data(PrepareRequest(str(tokenizer_51200), (str(corpus),), str(fresh), 400, 3))
+    for name in ("train-00000.tokens", "train-00001.docs.npy", "valid.tokens"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name

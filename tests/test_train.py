@@ -179,6 +179,11 @@ def test_two_gloo_processes_equal_one_process(data_dir, tmp_path):
         (["objective.alpha_mode=ranks", "objective.alpha=0.5"], "cannot be realised by splitting 1 rank"),
         (["train.global_batch_tokens=100"], "is not a multiple of micro_batch_rows x seq_len"),
         (["train.steps=many"], "train.steps must be an integer"),
+        (["checkpoint.every=0"], "checkpoint.every must be >= 1"),
+        (["train.global_batch_tokens=0"], "train.global_batch_tokens must be >= 1"),
+        (["optim.decay_kind=cubic"], "optim schedule"),
+        (["train.seed=-1"], "train.seed must be >= 0"),
+        (["model.num_layers=2.5"], "model.num_layers must be an integer"),
     ],
 )
 def test_bad_configs_give_one_clear_error(data_dir, tmp_path, extra, message):
@@ -228,6 +233,7 @@ def test_recommend_alpha(capsys):
     out = capsys.readouterr().out
     assert "alpha = 0.125000" in out and "alpha_0.125_n-reps=128" in out
     assert main(["recommend-alpha"]) == 2
+    assert main(["recommend-alpha", "--repetitions", "0"]) == 2
 
 
 def torchrun(args, port):
@@ -271,6 +277,14 @@ def test_fsdp2_equals_ddp_and_resumes(data_dir, tmp_path):
 def test_fsdp_needs_torchrun(data_dir, tmp_path, capsys):
     assert main(["train", *overrides(data_dir, tmp_path / "r"), "train.fsdp=true"]) == 2
     assert "launch with torchrun" in capsys.readouterr().err
+
+
+def test_keep_last_zero_keeps_every_checkpoint(data_dir, tmp_path):
+    from dual_lm.checkpoint import list_checkpoints
+
+    args = overrides(data_dir, tmp_path / "r", **{"train.steps": 3, "checkpoint.every": 1, "checkpoint.keep_last": 0})
+    assert main(["train", *args]) == 0
+    assert [step for step, _ in list_checkpoints(tmp_path / "r")] == [1, 2, 3]
 
 
 def test_tensorboard_and_checkpoint_retention(data_dir, tmp_path):

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from dual_lm.errors import UserError
 
 _NAME = re.compile(r"step-(\d{8})")
+_FILES = ("model.safetensors", "trainer.pt", "state.json")
 
 
 def _fsync_file(path: Path) -> None:
@@ -62,11 +63,21 @@ def save_checkpoint(
         shutil.copyfile(tokenizer, staging / "tokenizer.json")
     for path in staging.iterdir():
         _fsync_file(path)
-    if final.exists():  # a re-save of the same step after a resume
-        shutil.rmtree(final)
+    _fsync_dir(staging)
+    if final.exists():  # a re-save of the same step after a resume: move the old one aside first
+        _discard(final)
     staging.rename(final)
     _fsync_dir(final.parent)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Rename a checkpoint out of the ``step-*`` namespace, then delete it: a kill never leaves half of one."""
+    trash = path.with_name(f".trash-{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    path.rename(trash)
+    shutil.rmtree(trash)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -74,18 +85,27 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _NAME.fullmatch(p.name)) and all((p / f).is_file() for f in _FILES)
+    ]
     return sorted(found)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, exponential: bool) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (and, with ``exponential``, those at powers of two)."""
+    """Delete all but the newest ``keep_last`` checkpoints (and, with ``exponential``, those at powers of two).
+
+    ``keep_last <= 0`` keeps every checkpoint.
+    """
     found = list_checkpoints(run_dir)
-    keep = {step for step, _ in found[-keep_last:]} if keep_last > 0 else set()
+    if keep_last <= 0:
+        return
+    keep = {step for step, _ in found[-keep_last:]}
     for step, path in found:
         is_power = step > 0 and step & (step - 1) == 0
         if step not in keep and not (exponential and is_power):
-            shutil.rmtree(path)
+            _discard(path)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
@@ -94,7 +114,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"{path} is not a complete checkpoint (it needs model.safetensors and state.json)")
     weights = load_file(str(path / "model.safetensors"))
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     meta = json.loads((path / "state.json").read_text())
     return weights, trainer, meta
 

@@ -92,7 +92,10 @@ def _recommend(args) -> int:
 
     if args.repetitions is None and (args.unique_tokens is None or args.budget_tokens is None):
         raise UserError("give --repetitions R, or both --unique-tokens and --budget-tokens")
-    reps = args.repetitions or repetitions_from_budget(args.unique_tokens, args.budget_tokens)
+    if args.repetitions is not None:
+        reps = args.repetitions
+    else:
+        reps = repetitions_from_budget(args.unique_tokens, args.budget_tokens)
     alpha, lines = recommend_alpha(reps)
     print("\n".join(lines))
     print(f"recommended alpha = {alpha:.6f}  (objective.alpha={alpha:.6f})")

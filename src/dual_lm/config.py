@@ -210,7 +210,7 @@ class EvalSection:
 @dataclass
 class CheckpointSection:
     every: int = 50
-    keep_last: int = 2
+    keep_last: int = 2  # 0 keeps every checkpoint
     exponential: bool = False  # also keep checkpoints at steps 1, 2, 4, 8, ... (the reference's schedule)
 
 
@@ -267,6 +267,8 @@ def _fill(obj, values: dict, prefix: str = "") -> None:
                 raise UserError(f"config key {name!r} is a section; give it as a mapping")
             _fill(current, value, f"{name}.")
         elif not (value is None and current is None):  # None keeps an optional field unset
+            if current is None and "int" in str(fields[key].type):  # an optional int (e.g. model.num_layers)
+                current = 0
             setattr(obj, key, _coerce(value, current, name))
 
 

@@ -52,7 +52,9 @@ def feistel_permutation(index: np.ndarray, n: int, key: int, rounds: int = 4) ->
         return np.zeros_like(np.asarray(index, dtype=np.int64))
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     low = np.uint64((1 << half) - 1)
-    keys = [int(_mix(np.array([key * 16 + r], dtype=np.uint64), 0x5EED)[0]) for r in range(rounds)]
+    keys = [
+        int(_mix(np.array([(key * 16 + r) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64), 0x5EED)[0]) for r in range(rounds)
+    ]
 
     def encrypt(x: np.ndarray) -> np.ndarray:
         left, right = x >> np.uint64(half), x & low

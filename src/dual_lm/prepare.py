@@ -56,9 +56,26 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _fingerprint(source) -> str:
+    """A source's name plus its size and modification time, so changed inputs are not mixed with old shards."""
+    if isinstance(source, str):
+        return source
+    stat = Path(source).stat()
+    return f"{source} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -69,6 +86,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
+    fsync_dir(path.parent)
 
 
 def _batches(texts: Iterator[str], limit: int) -> Iterator[list[str]]:
@@ -106,9 +124,13 @@ class ShardWriter:
         os.fsync(self.handle.fileno())
         self.handle.close()
         docs_tmp = self.folder / f".{self.name}.docs.tmp.npy"
-        np.save(docs_tmp, np.asarray(self.offsets, dtype=np.int64))
+        with open(docs_tmp, "wb") as handle:
+            np.save(handle, np.asarray(self.offsets, dtype=np.int64))
+            handle.flush()
+            os.fsync(handle.fileno())
         self.tmp.replace(self.folder / f"{self.name}.tokens")
         docs_tmp.replace(self.folder / f"{self.name}.docs.npy")
+        fsync_dir(self.folder)
         meta = {**meta, "name": self.name, "documents": len(self.offsets) - 1, "tokens": self.offsets[-1]}
         write_json_atomic(self.folder / f"{self.name}.json", meta)
         return meta
@@ -127,6 +149,12 @@ def read_marker(folder: Path, name: str, expect: dict) -> dict | None:
         return None
     tokens = folder / f"{name}.tokens"
     if not tokens.is_file() or tokens.stat().st_size != meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
+        return None
+    try:
+        offsets = np.load(folder / f"{name}.docs.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if len(offsets) != meta["documents"] + 1 or int(offsets[-1]) != meta["tokens"]:
         return None
     return meta
 
@@ -147,7 +175,7 @@ def prepare_data(request: PrepareRequest) -> dict:
     base = {
         "format": FORMAT_VERSION,
         "tokenizer_sha256": file_sha256(request.tokenizer),
-        "sources": [str(s) for s in sources],
+        "sources": [_fingerprint(s) for s in sources],
         "dtype": dtype.name,
         "text_field": request.text_field,
     }
@@ -176,7 +204,7 @@ def prepare_data(request: PrepareRequest) -> dict:
         raise UserError(f"--num-shards must lie in [1, {train_docs}] (the number of training documents)")
     metas = []
     for k, (lo, hi) in enumerate(shard_bounds(valid["documents"], count_stats.documents, shards)):
-        metas.append(_prepare_shard(out, f"train-{k:05d}", documents, hi - lo, tokenizer, dtype, base, bar))
+        metas.append(_prepare_shard(out, f"train-{k:05d}", documents, lo, hi - lo, tokenizer, dtype, base, bar))
     bar.close()
     manifest = {
         **base,
@@ -232,8 +260,8 @@ def _prepare_valid(out, documents, tokenizer, dtype, base, valid_tokens, bar) ->
     return writer.commit(expect)
 
 
-def _prepare_shard(out, name, documents, count, tokenizer, dtype, base, bar) -> dict:
-    expect = {**base, "planned_documents": count}
+def _prepare_shard(out, name, documents, first, count, tokenizer, dtype, base, bar) -> dict:
+    expect = {**base, "first_document": first, "planned_documents": count}
     done = read_marker(out, name, expect)
     if done is not None:
         for _ in islice(documents, count):

@@ -27,6 +27,7 @@ from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
 from dual_lm.objectives import DualObjective, md_ranks, rank_runs_md, rows_for_ar
 from dual_lm.optim import build_optimizer, set_lr_factor, wsd_lr_factor
+from dual_lm.prepare import write_json_atomic
 
 EVAL_SEED = 1234
 
@@ -71,6 +72,20 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
             ranks = md_ranks(o.alpha, info.world_size)
         except ValueError as err:
             raise UserError(str(err)) from None
+    for name, value in (
+        ("train.global_batch_tokens", t.global_batch_tokens),
+        ("log.every", cfg.log.every),
+        ("checkpoint.every", cfg.checkpoint.every),
+        ("eval.batches", cfg.eval.batches),
+    ):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if cfg.eval.every < 0 or t.seed < 0:
+        raise UserError("eval.every and train.seed must be >= 0")
+    try:
+        wsd_lr_factor(0, t.steps, cfg.optim.warmup, cfg.optim.decay, cfg.optim.decay_kind)
+    except ValueError as err:
+        raise UserError(f"optim schedule: {err}") from None
     if t.fsdp and not info.distributed:
         raise UserError("train.fsdp=true shards over ranks: launch with torchrun --nproc_per_node=2 or more")
     if not cfg.data.path:
@@ -317,6 +332,14 @@ class Trainer:
         return {f"val_{k}": v for k, v in metrics.items() if k in ("ar_nll", "ar_acc", "md_loss", "md_nll", "md_acc")}
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a torn line (a kill during the append) sorts last and is cut."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     """``RUN/metrics.jsonl``: one JSON object per logged step; on resume, later lines are cut."""
 
@@ -329,7 +352,7 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
         tmp = self.path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -360,7 +383,7 @@ def fit(trainer: Trainer, resume: bool) -> dict:
         raise UserError(f"{trainer.run_dir} already holds checkpoints; pass --resume or choose another output")
     log = MetricsLog(trainer.run_dir, trainer.step, info.is_main, cfg.log.tensorboard)
     if info.is_main:
-        (trainer.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_json_atomic(trainer.run_dir / "config.json", cfg.to_dict())
         print(trainer.group_table)
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", unit="step", disable=not info.is_main)
     last: dict = {}
