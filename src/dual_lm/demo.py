@@ -123,7 +123,7 @@ def _fill(model, tokenizer, sentence: str) -> None:
     masked[0, position] = MASK_ID
     logits = model(masked, attention_mode="bidirectional").logits[0, position - 1]
     top = torch.softmax(logits.float(), -1).topk(5)
-    shown = f"{tokenizer.decode(ids[0, 1:position])} [___]{tokenizer.decode(ids[0, position + 1 :])}"
+    shown = f"{tokenizer.decode(ids[0, 1:position])} [___] {tokenizer.decode(ids[0, position + 1 :]).lstrip()}"
     guesses = ", ".join(f"{tokenizer.decode(i)!r} {p:.2f}" for p, i in zip(top.values, top.indices, strict=True))
     print(f"   [  fill] {shown!r}: {guesses} (truth {truth!r})")
 
