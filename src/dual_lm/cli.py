@@ -102,6 +102,60 @@ def _recommend(args) -> int:
     return 0
 
 
+def _load_with_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    from dual_lm.folder import check_folder, load_model
+
+    folder = check_folder(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{folder} has no tokenizer.json; text commands need a folder that carries its tokenizer")
+    return load_model(folder), AutoTokenizer.from_pretrained(str(folder))
+
+
+def _fill(args) -> int:
+    from dual_lm.generation import fill_masks
+
+    model, tokenizer = _load_with_tokenizer(args.folder)
+    try:
+        results = fill_masks(model, tokenizer, args.text, args.top_k)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for n, result in enumerate(results, 1):
+        shown = ", ".join(f"{tok!r} {p:.3f}" for tok, p in result.candidates)
+        print(f"<mask> {n}: {shown}")
+    return 0
+
+
+def _generate(args) -> int:
+    from dual_lm.generation import generate_text
+
+    model, tokenizer = _load_with_tokenizer(args.folder)
+    if args.mode == "diffusion":
+        options = {
+            "steps": args.steps,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "strategy": args.strategy,
+            "block_length": args.block_length,
+        }
+    else:
+        import torch
+
+        torch.manual_seed(args.seed)
+        sampling = args.temperature > 0
+        options = {
+            "do_sample": sampling,
+            **({"temperature": args.temperature, "top_p": args.top_p} if sampling else {}),
+        }
+    try:
+        text = generate_text(model, tokenizer, args.prompt, args.mode, args.max_new_tokens, **options)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(args.prompt + text)
+    return 0
+
+
 def _demo(args) -> int:
     from dual_lm.demo import run_demo
 
@@ -160,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unique-tokens", type=int)
     p.add_argument("--budget-tokens", type=int)
     p.set_defaults(func=_recommend)
+
+    p = sub.add_parser("fill", help="predict <mask> tokens with the bidirectional (MNTP) mode")
+    p.add_argument("folder")
+    p.add_argument("--text", required=True, help='text with <mask>, e.g. "The capital of <mask> is Paris"')
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=_fill)
+
+    p = sub.add_parser("generate", help="continue a prompt: causal, prefix or diffusion mode")
+    p.add_argument("folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", default="causal", choices=["causal", "prefix", "diffusion"])
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=32, help="diffusion: model passes")
+    p.add_argument("--strategy", default="confidence", choices=["confidence", "random"])
+    p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive blocks")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="the main job (run by `make demo`)")
     p.add_argument("--fixture", default="../shared/reference/parity-tiny", help="reference parity checkpoint folder")
