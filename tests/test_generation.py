@@ -105,6 +105,8 @@ def test_generate_text_modes(model_and_tokenizer):
         seq = torch.cat([seq, nxt], 1)
     assert prefix == tokenizer.decode(seq[0, ids.shape[1] :], skip_special_tokens=True)
     assert isinstance(generate_text(model, tokenizer, "Hello", "diffusion", 4, steps=2), str)
+    text, rate = generate_text(model, tokenizer, "Hello there", "speculative", 5, k=3, stop_at_eos=False)
+    assert text == causal and 0 <= rate <= 1
     with pytest.raises(ValueError, match="unknown mode"):
         generate_text(model, tokenizer, "Hello", "sideways")
     with pytest.raises(ValueError, match="exceed the context"):
@@ -116,3 +118,41 @@ def test_cli_fill_needs_a_tokenizer(converted, capsys):
 
     assert main(["fill", str(converted), "--text", "a <mask>"]) == 2
     assert "has no tokenizer.json" in capsys.readouterr().err
+
+
+def test_speculative_greedy_equals_causal_greedy(model_and_tokenizer):
+    from dual_lm.speculative import speculative_generate
+
+    model, _ = model_and_tokenizer
+    prompt = torch.tensor([1, 300, 400, 500])
+    expected = model.generate(prompt[None], max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 4:].tolist()
+    for k in (1, 3, 5):
+        result = speculative_generate(model, prompt, 12, k=k, stop_at_eos=False)
+        assert result.tokens == expected, k
+        assert 0.0 <= result.acceptance_rate <= 1.0 and result.drafted >= 12 // (k + 1)
+
+
+def test_speculative_sampling_has_the_causal_distribution():
+    from dual_lm.speculative import speculative_generate
+
+    torch.manual_seed(0)
+    model = DLMLlamaForCausalLM(llama_config(PRESETS["tiny"])).eval()
+    with torch.no_grad():  # peaked, and different in the two modes, so rejections happen
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.lm_head.output.weight.mul_(30)
+        prompt = torch.tensor([1, 300])
+        p = torch.softmax(model(prompt[None]).logits[0, -1].float(), -1)
+        p[MASK_ID] = 0
+        p = p / p.sum()
+    assert p.max() > 0.3
+    counts, drafted, accepted = torch.zeros_like(p), 0, 0
+    for seed in range(2000):
+        result = speculative_generate(model, prompt, 1, k=2, temperature=1.0, seed=seed, stop_at_eos=False)
+        counts[result.tokens[0]] += 1
+        drafted, accepted = drafted + result.drafted, accepted + result.accepted
+    assert 0.05 < accepted / drafted < 0.95  # both the accept and the residual path are exercised
+    for token in p.topk(3).indices:
+        assert counts[token] / 2000 == pytest.approx(p[token].item(), abs=0.035)
+    with pytest.raises(ValueError, match="k \\(drafted tokens per round\\)"):
+        speculative_generate(model, prompt, 4, k=0)

@@ -131,7 +131,9 @@ def _generate(args) -> int:
     from dual_lm.generation import generate_text
 
     model, tokenizer = _load_with_tokenizer(args.folder)
-    if args.mode == "diffusion":
+    if args.mode == "speculative":
+        options = {"k": args.k, "temperature": args.temperature, "seed": args.seed}
+    elif args.mode == "diffusion":
         options = {
             "steps": args.steps,
             "temperature": args.temperature,
@@ -152,6 +154,11 @@ def _generate(args) -> int:
         text = generate_text(model, tokenizer, args.prompt, args.mode, args.max_new_tokens, **options)
     except ValueError as err:
         raise UserError(str(err)) from None
+    if args.mode == "speculative":
+        text, rate = text
+        print(args.prompt + text)
+        print(f"[speculative: {rate:.1%} of the drafted tokens accepted, k={args.k}]", file=sys.stderr)
+        return 0
     print(args.prompt + text)
     return 0
 
@@ -224,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt: causal, prefix or diffusion mode")
     p.add_argument("folder")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="causal", choices=["causal", "prefix", "diffusion"])
+    p.add_argument("--mode", default="causal", choices=["causal", "prefix", "diffusion", "speculative"])
+    p.add_argument("--k", type=int, default=4, help="speculative: tokens drafted per round by the bidirectional mode")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)

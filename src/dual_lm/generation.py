@@ -8,8 +8,9 @@ import torch
 
 from dual_lm.config import BOS_ID, MASK_ID
 from dual_lm.diffusion import DiffusionConfig, diffusion_generate
+from dual_lm.speculative import speculative_generate
 
-MODES = ("causal", "prefix", "diffusion")
+MODES = ("causal", "prefix", "diffusion", "speculative")
 
 
 @dataclass
@@ -50,8 +51,9 @@ def fill_masks(model, tokenizer, text: str, top_k: int = 5) -> list[FillResult]:
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, prompt: str, mode: str = "causal", max_new_tokens: int = 50, **options) -> str:
-    """Continue ``prompt`` in one of ``MODES``; options go to ``model.generate`` or ``DiffusionConfig``."""
+def generate_text(model, tokenizer, prompt: str, mode: str = "causal", max_new_tokens: int = 50, **options):
+    """Continue ``prompt`` in one of ``MODES``; options go to ``model.generate``, ``DiffusionConfig`` or
+    ``speculative_generate``. The speculative mode returns (text, acceptance rate)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if max_new_tokens < 1:
@@ -65,6 +67,9 @@ def generate_text(model, tokenizer, prompt: str, mode: str = "causal", max_new_t
     if mode == "diffusion":
         new, _ = diffusion_generate(model, ids[0], max_new_tokens, DiffusionConfig(**options))
         return tokenizer.decode(new, skip_special_tokens=True)
+    if mode == "speculative":
+        result = speculative_generate(model, ids[0], max_new_tokens, **options)
+        return tokenizer.decode(result.tokens, skip_special_tokens=True), result.acceptance_rate
     extra = {"prefix_lengths": torch.tensor([ids.shape[1]], device=ids.device)} if mode == "prefix" else {}
     out = model.generate(ids, max_new_tokens=max_new_tokens, **extra, **options)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,88 @@
+"""Self-speculative decoding: the bidirectional mode drafts k tokens at once, the causal mode verifies them.
+
+Each round appends k ``<mask>`` to the sequence and reads all k drafts from one bidirectional pass
+(token i read at position i-1, MNTP); one causal pass over the sequence plus the drafts then gives
+the causal distribution p at every draft position. Drafts are accepted left to right with the
+speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): accept x with probability
+min(1, p(x)/q(x)), else sample from normalise(max(0, p - q)) and stop the round; when all k pass,
+one more token comes from p. Greedy (temperature 0) accepts a draft iff it is the causal argmax,
+so the output is token for token the causal greedy output; sampled output has the causal distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dual_lm.config import EOS_ID, MASK_ID
+
+
+@dataclass
+class SpeculativeResult:
+    tokens: list[int]  # the new tokens
+    drafted: int
+    accepted: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float().clone()
+    logits[..., MASK_ID] = -float("inf")
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits / temperature, -1)
+
+
+@torch.no_grad()
+def speculative_generate(
+    model,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    k: int = 4,
+    temperature: float = 0.0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> SpeculativeResult:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` [P] drafting ``k`` tokens per round."""
+    if not 1 <= k <= 64:
+        raise ValueError(f"k (drafted tokens per round) must lie in [1, 64], got {k}")
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError("max_new_tokens must be >= 1 and temperature >= 0")
+    limit = model.config.max_position_embeddings
+    if prompt_ids.numel() + max_new_tokens + k > limit:
+        raise ValueError(f"prompt + new tokens + k exceed the context of {limit}")
+    generator = torch.Generator().manual_seed(seed)
+    seq = prompt_ids.to(model.device).clone()
+    start, drafted, accepted = seq.numel(), 0, 0
+    while seq.numel() - start < max_new_tokens:
+        n = seq.numel()
+        canvas = torch.cat([seq, torch.full((k,), MASK_ID, dtype=seq.dtype, device=seq.device)])
+        q = _distribution(model(canvas[None], attention_mode="bidirectional").logits[0, n - 1 : n + k - 1], temperature)
+        drafts = q.argmax(-1) if temperature == 0 else torch.multinomial(q.cpu(), 1, generator=generator).squeeze(1)
+        drafts = drafts.to(seq.device)
+        p = _distribution(model(torch.cat([seq, drafts])[None]).logits[0, n - 1 : n + k], temperature)  # [k+1, V]
+        new = []
+        for j in range(k):
+            x = drafts[j]
+            drafted += 1
+            if torch.rand((), generator=generator).item() < min(1.0, (p[j, x] / q[j, x]).item()):
+                accepted += 1
+                new.append(int(x))
+                continue
+            residual = (p[j] - q[j]).clamp(min=0)
+            residual = residual / residual.sum() if residual.sum() > 0 else p[j]
+            new.append(int(torch.multinomial(residual.cpu(), 1, generator=generator)))
+            break
+        else:
+            new.append(int(torch.multinomial(p[k].cpu(), 1, generator=generator)))
+        seq = torch.cat([seq, torch.tensor(new, dtype=seq.dtype, device=seq.device)])
+        if stop_at_eos and EOS_ID in new:
+            break
+    out = seq[start : start + max_new_tokens].tolist()
+    if stop_at_eos and EOS_ID in out:
+        out = out[: out.index(EOS_ID)]
+    return SpeculativeResult(out, drafted, accepted)
