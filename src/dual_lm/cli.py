@@ -163,6 +163,42 @@ def _generate(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    import json
+
+    from dual_lm.scoring import score_requests, split_pair
+
+    model, tokenizer = _load_with_tokenizer(args.folder)
+    path = Path(args.file)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    requests, lines = [], path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            context, continuation = record["context"], record["continuation"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: each line must be a JSON object with 'context' and 'continuation'") from None
+        requests.append(split_pair(tokenizer, context, continuation))
+    if not requests:
+        raise UserError(f"{path} holds no requests")
+    try:
+        scores = score_requests(model, requests, args.mode, n=args.n, batch_size=args.batch_size)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for result in scores:
+        print(json.dumps({"logprob": result.logprob, "tokens": result.tokens, "greedy": result.greedy}))
+    total, count = sum(r.logprob for r in scores), sum(r.tokens for r in scores)
+    print(
+        f"[{args.mode}{f' n={args.n}' if args.mode == 'masked' else ''}] {len(scores)} requests, "
+        f"mean log-prob per token {total / count:.4f}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _demo(args) -> int:
     from dual_lm.demo import run_demo
 
@@ -241,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="confidence", choices=["confidence", "random"])
     p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive blocks")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score", help="log-likelihood of continuations given contexts (causal, prefix, masked)")
+    p.add_argument("folder")
+    p.add_argument("file", help="JSONL with one {'context': ..., 'continuation': ...} per line")
+    p.add_argument("--mode", default="causal", choices=["causal", "prefix", "masked"])
+    p.add_argument("--n", type=int, default=1, help="masked mode: tokens masked from each scored token on")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("demo", help="the main job (run by `make demo`)")
     p.add_argument("--fixture", default="../shared/reference/parity-tiny", help="reference parity checkpoint folder")
