@@ -15,7 +15,6 @@ previous checkpoints untouched. Only folders named ``step-*`` count; leftovers a
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,23 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dual_lm.atomic import fsync_dir, fsync_file
 from dual_lm.errors import UserError
 
 _NAME = re.compile(r"step-(\d{8})")
 _FILES = ("model.safetensors", "trainer.pt", "state.json")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -62,12 +49,12 @@ def save_checkpoint(
     if tokenizer is not None:
         shutil.copyfile(tokenizer, staging / "tokenizer.json")
     for path in staging.iterdir():
-        _fsync_file(path)
-    _fsync_dir(staging)
+        fsync_file(path)
+    fsync_dir(staging)
     if final.exists():  # a re-save of the same step after a resume: move the old one aside first
         _discard(final)
     staging.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 

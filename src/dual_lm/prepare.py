@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dual_lm.atomic import fsync_dir, write_json_atomic
 from dual_lm.corpus import ReadStats, expand_sources, iter_documents
 from dual_lm.errors import UserError
 from dual_lm.tokenizer import load_tokenizer_file
@@ -67,26 +68,6 @@ def _fingerprint(source) -> str:
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames inside ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file, fsync it, and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
 
 
 def _batches(texts: Iterator[str], limit: int) -> Iterator[list[str]]:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dual_lm import __version__
+from dual_lm.atomic import write_json_atomic
 from dual_lm.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from dual_lm.config import TrainConfig, llama_config
 from dual_lm.data import PackedLoader, TokenShards
@@ -27,7 +28,6 @@ from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
 from dual_lm.objectives import DualObjective, md_ranks, rank_runs_md, rows_for_ar
 from dual_lm.optim import build_optimizer, set_lr_factor, wsd_lr_factor
-from dual_lm.prepare import write_json_atomic
 
 EVAL_SEED = 1234
 
