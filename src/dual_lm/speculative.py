@@ -1,8 +1,9 @@
 """Self-speculative decoding: the bidirectional mode drafts k tokens at once, the causal mode verifies them.
 
 Each round appends k ``<mask>`` to the sequence and reads all k drafts from one bidirectional pass
-(token i read at position i-1, MNTP); one causal pass over the sequence plus the drafts then gives
-the causal distribution p at every draft position. Drafts are accepted left to right with the
+(token i read at position i-1, MNTP); one causal pass of k+1 tokens over the KV cache of the
+accepted sequence then gives the causal distribution p at every draft position (the cache is
+cropped back after rejections). Drafts are accepted left to right with the
 speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): accept x with probability
 min(1, p(x)/q(x)), else sample from normalise(max(0, p - q)) and stop the round; when all k pass,
 one more token comes from p. Greedy (temperature 0) accepts a draft iff it is the causal argmax,
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from dual_lm.config import EOS_ID, MASK_ID
 
@@ -58,13 +60,17 @@ def speculative_generate(
     generator = torch.Generator().manual_seed(seed)
     seq = prompt_ids.to(model.device).clone()
     start, drafted, accepted = seq.numel(), 0, 0
+    cache = DynamicCache(config=model.config)
+    if seq.numel() > 1:  # the causal cache always covers every token but the last one
+        model(seq[None, :-1], cache=cache, use_cache=True)
     while seq.numel() - start < max_new_tokens:
         n = seq.numel()
         canvas = torch.cat([seq, torch.full((k,), MASK_ID, dtype=seq.dtype, device=seq.device)])
         q = _distribution(model(canvas[None], attention_mode="bidirectional").logits[0, n - 1 : n + k - 1], temperature)
         drafts = q.argmax(-1) if temperature == 0 else torch.multinomial(q.cpu(), 1, generator=generator).squeeze(1)
         drafts = drafts.to(seq.device)
-        p = _distribution(model(torch.cat([seq, drafts])[None]).logits[0, n - 1 : n + k], temperature)  # [k+1, V]
+        verify = torch.cat([seq[-1:], drafts])[None]  # one cached causal pass: p at positions n-1 .. n+k-1
+        p = _distribution(model(verify, cache=cache, use_cache=True).logits[0], temperature)  # [k+1, V]
         new = []
         for j in range(k):
             x = drafts[j]
@@ -80,6 +86,9 @@ def speculative_generate(
         else:
             new.append(int(torch.multinomial(p[k].cpu(), 1, generator=generator)))
         seq = torch.cat([seq, torch.tensor(new, dtype=seq.dtype, device=seq.device)])
+        rejected = cache.get_seq_length() - (seq.numel() - 1)
+        if rejected > 0:
+            cache.crop(-rejected)  # drop the rejected drafts' keys and values
         if stop_at_eos and EOS_ID in new:
             break
     out = seq[start : start + max_new_tokens].tolist()
