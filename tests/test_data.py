@@ -202,54 +202,21 @@ def run(*args):
 
 
 def test_bad_inputs(tmp_path, tokenizer_51200, capsys):
+    def prepare(name, out, tokenizer=tokenizer_51200):
+        return run("prepare-data", "--tokenizer", tokenizer, "--input", tmp_path / name, "--output", tmp_path / out)
+
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    assert (
-        run(
-            "prepare-data",
-            "--tokenizer",
-            tokenizer_51200,
-            "--input",
-            tmp_path / "empty.jsonl",
-            "--output",
-            tmp_path / "o",
-        )
-        == 2
-    )
+    assert prepare("empty.jsonl", "o") == 2
     assert "no documents" in capsys.readouterr().err
     (tmp_path / "x.csv").write_text("a,b")
-    assert (
-        run("prepare-data", "--tokenizer", tokenizer_51200, "--input", tmp_path / "x.csv", "--output", tmp_path / "o")
-        == 2
-    )
+    assert prepare("x.csv", "o") == 2
     assert "unknown input format 'x.csv'" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine words"}\n{"text": "bad \xff\xfe bytes"}\n{"text": "more"}\n')
-    assert (
-        run(
-            "prepare-data",
-            "--tokenizer",
-            tokenizer_51200,
-            "--input",
-            tmp_path / "bad.jsonl",
-            "--output",
-            tmp_path / "b",
-        )
-        == 0
-    )
+    assert prepare("bad.jsonl", "b") == 0
     out = capsys.readouterr().out
     assert "skipped 1 document(s)" in out and "'invalid_utf8': 1" in out
     assert TokenShards(tmp_path / "b").num_documents == 2
-    assert (
-        run(
-            "prepare-data",
-            "--tokenizer",
-            tmp_path / "nope.json",
-            "--input",
-            tmp_path / "bad.jsonl",
-            "--output",
-            tmp_path / "c",
-        )
-        == 2
-    )
+    assert prepare("bad.jsonl", "c", tokenizer=tmp_path / "nope.json") == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -202,10 +202,10 @@ class PackedLoader:
     # -- documents in epoch order
     def _doc_at(self, epoch: int, position: int) -> np.ndarray:
         block = position // 1024
-        if self._order_cache is None or self._order_cache[:2] != (epoch, block):
+        key = self.state.seed * 1_000_003 + epoch
+        if self._order_cache is None or self._order_cache[:2] != (key, block):
             index = np.arange(block * 1024, min((block + 1) * 1024, self.num_docs))
-            key = self.state.seed * 1_000_003 + epoch
-            self._order_cache = (epoch, block, feistel_permutation(index, self.num_docs, key))
+            self._order_cache = (key, block, feistel_permutation(index, self.num_docs, key))
         doc = int(self._order_cache[2][position - block * 1024])
         tokens = self.shards.document(doc)
         if doc == self.num_docs - 1 and self.last_doc_tokens:

@@ -119,7 +119,7 @@ class MuonAdamW(torch.optim.Optimizer):
         p  -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
 
     Parameters without a gradient are skipped entirely (no weight decay either). States live in
-    the parameter's dtype and device; Newton-Schulz always runs in float32.
+    the parameter's dtype and device; Newton-Schulz runs in ``ns_dtype`` (float32 by default, as the fixture).
     """
 
     def __init__(
@@ -334,36 +334,14 @@ def parameter_groups(model: nn.Module) -> list[dict]:
     return result
 
 
-def build_optimizer(
-    model: nn.Module,
-    lr: float = 0.007,
-    weight_decay: float = 0.1,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    batched: bool = True,
-    ns_dtype: str = "float32",
-) -> tuple[MuonAdamW, str]:
+def build_optimizer(model: nn.Module, **options) -> tuple[MuonAdamW, str]:
     """The reference optimiser for ``model`` and its printable group table (``group_table``).
 
-    One ``MuonAdamW`` holds every group of ``parameter_groups(model)`` with one ``lr`` and one
-    ``weight_decay``; each group also records ``base_lr`` (= ``lr``) for ``set_lr_factor``.
+    One ``MuonAdamW`` holds every group of ``parameter_groups(model)``; ``options`` are its keyword
+    arguments (``lr``, ``weight_decay``, ``ns_dtype``, ...) with the reference defaults. Each group
+    also records ``base_lr`` (= ``lr``) for ``set_lr_factor``.
     """
-    groups = parameter_groups(model)
-    optimizer = MuonAdamW(
-        groups,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        nesterov=nesterov,
-        ns_steps=ns_steps,
-        betas=betas,
-        eps=eps,
-        batched=batched,
-        ns_dtype=ns_dtype,
-    )
+    optimizer = MuonAdamW(parameter_groups(model), **options)
     return optimizer, group_table(optimizer)
 
 
