@@ -8,7 +8,14 @@ import torch
 from dual_lm import DLMLlamaForCausalLM
 from dual_lm.config import MASK_ID, PRESETS, llama_config
 from dual_lm.diffusion import DiffusionConfig, commit_counts, diffusion_generate, infill, sample_canvas
-from dual_lm.generation import encode_with_masks, fill_masks, generate_text
+from dual_lm.generation import (
+    TextPrinter,
+    continuation_text,
+    encode_with_masks,
+    fill_masks,
+    generate_batch,
+    generate_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +104,14 @@ def test_generate_text_modes(model_and_tokenizer):
     ids = tokenizer("Hello there", return_tensors="pt")["input_ids"]
     causal = generate_text(model, tokenizer, "Hello there", "causal", 5, do_sample=False)
     expected = model.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1] :]
-    assert causal == tokenizer.decode(expected, skip_special_tokens=True)
+    assert causal == continuation_text(tokenizer, ids[0].tolist(), expected.tolist())
+    assert causal.startswith(" ") or causal[:1] in ",.;:!?'"  # the space before the next word survives
     prefix = generate_text(model, tokenizer, "Hello there", "prefix", 5, do_sample=False)
     seq = ids
     for _ in range(5):
         nxt = model(seq, prefix_lengths=torch.tensor([ids.shape[1]])).logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
-    assert prefix == tokenizer.decode(seq[0, ids.shape[1] :], skip_special_tokens=True)
+    assert prefix == continuation_text(tokenizer, ids[0].tolist(), seq[0, ids.shape[1] :].tolist())
     assert isinstance(generate_text(model, tokenizer, "Hello", "diffusion", 4, steps=2), str)
     text, rate = generate_text(model, tokenizer, "Hello there", "speculative", 5, k=3, stop_at_eos=False)
     assert text == causal and 0 <= rate <= 1
@@ -126,9 +134,9 @@ def test_speculative_greedy_equals_causal_greedy(model_and_tokenizer):
     model, _ = model_and_tokenizer
     prompt = torch.tensor([1, 300, 400, 500])
     expected = model.generate(prompt[None], max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 4:].tolist()
-    for k in (1, 3, 5):
-        result = speculative_generate(model, prompt, 12, k=k, stop_at_eos=False)
-        assert result.tokens == expected, k
+    for k, draft in ((1, "cached"), (3, "cached"), (5, "cached"), (3, "full")):
+        result = speculative_generate(model, prompt, 12, k=k, stop_at_eos=False, draft=draft)
+        assert result.tokens == expected, (k, draft)
         assert 0.0 <= result.acceptance_rate <= 1.0 and result.drafted >= 12 // (k + 1)
 
 
@@ -147,12 +155,76 @@ def test_speculative_sampling_has_the_causal_distribution():
         p = p / p.sum()
     assert p.max() > 0.3
     counts, drafted, accepted = torch.zeros_like(p), 0, 0
-    for seed in range(2000):
-        result = speculative_generate(model, prompt, 1, k=2, temperature=1.0, seed=seed, stop_at_eos=False)
+    for seed in range(2000):  # half with each draft: the rule is exact for any draft distribution
+        draft = ("cached", "full")[seed % 2]
+        result = speculative_generate(model, prompt, 1, k=2, temperature=1.0, seed=seed, stop_at_eos=False, draft=draft)
         counts[result.tokens[0]] += 1
         drafted, accepted = drafted + result.drafted, accepted + result.accepted
     assert 0.05 < accepted / drafted < 0.95  # both the accept and the residual path are exercised
     for token in p.topk(3).indices:
         assert counts[token] / 2000 == pytest.approx(p[token].item(), abs=0.035)
+    with pytest.raises(ValueError, match="unknown draft"):
+        speculative_generate(model, prompt, 4, draft="psychic")
     with pytest.raises(ValueError, match="k \\(drafted tokens per round\\)"):
         speculative_generate(model, prompt, 4, k=0)
+
+
+def test_continuation_text_keeps_the_space_the_decoder_strips(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    prompt, whole = tokenizer("Hello there")["input_ids"], tokenizer("Hello there friend")["input_ids"]
+    new = whole[len(prompt) :]
+    assert tokenizer.decode(new) == "friend" and continuation_text(tokenizer, prompt, new) == " friend"
+
+
+@pytest.mark.parametrize("mode", ["causal", "prefix"])
+def test_batched_generation_equals_one_prompt_at_a_time(model_and_tokenizer, mode):
+    model, tokenizer = model_and_tokenizer
+    prompts = ["Hello there", "A much longer prompt that needs left padding", "Once", "The king said"]
+    batched = generate_batch(model, tokenizer, prompts, mode, 6, batch_size=3, do_sample=False)
+    alone = [generate_text(model, tokenizer, p, mode, 6, do_sample=False) for p in prompts]
+    assert batched == alone
+    ids = tokenizer("Hello there", return_tensors="pt")["input_ids"]
+    via_flag = model.generate(ids, max_new_tokens=4, do_sample=False, prefix_attention=True)
+    via_lengths = model.generate(ids, max_new_tokens=4, do_sample=False, prefix_lengths=torch.tensor([ids.shape[1]]))
+    assert torch.equal(via_flag, via_lengths)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate_batch(model, tokenizer, prompts, mode, 6, batch_size=0)
+
+
+@pytest.mark.parametrize("mode", ["causal", "prefix", "speculative"])
+def test_streamed_text_equals_the_returned_text(model_and_tokenizer, mode):
+    model, tokenizer = model_and_tokenizer
+    pieces = []
+    options = {"k": 3, "stop_at_eos": False} if mode == "speculative" else {"do_sample": False}
+    out = generate_text(
+        model, tokenizer, "Hello there", mode, 9, streamer=TextPrinter(tokenizer, pieces.append), **options
+    )
+    text = out[0] if mode == "speculative" else out
+    assert len(pieces) > 2 and "".join(pieces) == text + "\n"
+
+
+def test_cli_generate_streams_one_prompt_and_batches_a_file(tokenizer_51200, tmp_path, capsys):
+    import json
+
+    from dual_lm.cli import main
+    from dual_lm.folder import save_folder
+
+    torch.manual_seed(0)
+    model = DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200)))
+    folder = str(save_folder(model, tmp_path / "m", tokenizer_51200))
+    assert main(["generate", folder, "--prompt", "Hello there", "--max-new-tokens", "5"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.startswith("Hello there") and streamed.endswith("\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\nOnce upon a time\n\nThe king\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", folder, "--prompts", str(prompts), "--max-new-tokens", "5", "--mode", "prefix"]
+    assert main([*args, "--output", str(out), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hello there", "Once upon a time", "The king"]
+    assert main(["generate", folder, "--prompt", "Hello there", "--max-new-tokens", "5", "--mode", "prefix"]) == 0
+    assert capsys.readouterr().out == "Hello there" + rows[0]["text"] + "\n"
+    assert main(["generate", folder]) == 2
+    assert "exactly one of --prompt TEXT or --prompts FILE" in capsys.readouterr().err
+    assert main(["generate", folder, "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

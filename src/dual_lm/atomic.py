@@ -22,12 +22,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file, fsync it, rename it over ``path`` and fsync the folder."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary file, fsync it, rename it over ``path`` and fsync the folder: a
+    reader (or a kill) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """``write_text_atomic`` of indented JSON."""
+    write_text_atomic(path, json.dumps(payload, indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -127,73 +128,154 @@ def _fill(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    from dual_lm.generation import generate_text
-
-    model, tokenizer = _load_with_tokenizer(args.folder)
+def _generation_options(args) -> dict:
     if args.mode == "speculative":
-        options = {"k": args.k, "temperature": args.temperature, "seed": args.seed}
-    elif args.mode == "diffusion":
-        options = {
+        return {"k": args.k, "temperature": args.temperature, "seed": args.seed, "draft": args.draft}
+    if args.mode == "diffusion":
+        return {
             "steps": args.steps,
             "temperature": args.temperature,
             "seed": args.seed,
             "strategy": args.strategy,
             "block_length": args.block_length,
         }
-    else:
-        import torch
+    import torch
 
-        torch.manual_seed(args.seed)
-        sampling = args.temperature > 0
-        options = {
-            "do_sample": sampling,
-            **({"temperature": args.temperature, "top_p": args.top_p} if sampling else {}),
-        }
+    torch.manual_seed(args.seed)
+    sampling = args.temperature > 0
+    return {"do_sample": sampling, **({"temperature": args.temperature, "top_p": args.top_p} if sampling else {})}
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """One prompt per line of a text file, or a ``prompt`` field per line of a .jsonl file."""
+    import json
+
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            prompts.append(str(json.loads(line)["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: each line must be a JSON object with a 'prompt'") from None
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
+
+
+def _generate(args) -> int:
+    from dual_lm.generation import TextPrinter, generate_batch, generate_text
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
+    prompts = _read_prompts(Path(args.prompts)) if args.prompts else None
+    model, tokenizer = _load_with_tokenizer(args.folder)
+    options = _generation_options(args)
     try:
-        text = generate_text(model, tokenizer, args.prompt, args.mode, args.max_new_tokens, **options)
+        if prompts is not None:
+            texts = generate_batch(
+                model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size, **options
+            )
+            return _write_generations(prompts, texts, args.output)
+        streams = args.mode != "diffusion"  # a diffusion canvas resolves all at once: printed when done
+        if streams:
+            print(args.prompt, end="", flush=True)
+        printer = TextPrinter(tokenizer, lambda text: print(text, end="", flush=True)) if streams else None
+        text = generate_text(model, tokenizer, args.prompt, args.mode, args.max_new_tokens, printer, **options)
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.mode == "speculative":
         text, rate = text
-        print(args.prompt + text)
         print(f"[speculative: {rate:.1%} of the drafted tokens accepted, k={args.k}]", file=sys.stderr)
-        return 0
-    print(args.prompt + text)
+    if not streams:
+        print(args.prompt + text)
     return 0
+
+
+def _write_generations(prompts: list[str], texts: list[str], output: str | None) -> int:
+    import json
+
+    from dual_lm.atomic import write_text_atomic
+
+    lines = "".join(json.dumps({"prompt": p, "text": t}) + "\n" for p, t in zip(prompts, texts, strict=True))
+    if output is None:
+        print(lines, end="")
+    else:
+        write_text_atomic(Path(output), lines)
+        print(f"wrote {len(texts)} continuations to {output}", file=sys.stderr)
+    return 0
+
+
+def _read_score_file(path: Path, tokenizer) -> tuple[list, str]:
+    """Requests from a JSONL file: all {'context', 'continuation'} pairs, or all {'text'} records."""
+    import json
+
+    from dual_lm.scoring import split_pair
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    items, kinds = [], set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if "text" in record:
+                items.append(tokenizer(str(record["text"]))["input_ids"])
+                kinds.add("text")
+            else:
+                items.append(split_pair(tokenizer, record["context"], record["continuation"]))
+                kinds.add("pair")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(
+                f"{path}:{n}: each line must be a JSON object with 'text', or with 'context' and 'continuation'"
+            ) from None
+    if not items:
+        raise UserError(f"{path} holds no requests")
+    if len(kinds) > 1:
+        raise UserError(f"{path} mixes 'text' records and context/continuation pairs; use one kind per file")
+    return items, kinds.pop()
+
+
+def _score_rows(model, items: list, kind: str, args) -> list[dict]:
+    from dual_lm.scoring import md_bound, score_requests, score_texts
+
+    if kind == "text" and args.mode == "causal":
+        results = score_texts(model, items, args.window, args.stride, args.batch_size)
+        return [{"logprob": r.logprob, "tokens": r.tokens, "perplexity": r.perplexity} for r in results]
+    if kind == "text":  # the whole text after <s>, read in the chosen mode (one window)
+        items = [(ids[:1], ids[1:]) for ids in items]
+    if args.mode == "md-bound":
+        results = md_bound(model, items, args.samples, args.seed, args.batch_size)
+        tokens = [len(w) for _, w in items]
+        return [{"logprob": r.logprob, "stderr": r.stderr, "tokens": n} for r, n in zip(results, tokens, strict=True)]
+    results = score_requests(model, items, args.mode, n=args.n, batch_size=args.batch_size)
+    return [{"logprob": r.logprob, "tokens": r.tokens, "greedy": r.greedy} for r in results]
 
 
 def _score(args) -> int:
     import json
 
-    from dual_lm.scoring import score_requests, split_pair
-
     model, tokenizer = _load_with_tokenizer(args.folder)
-    path = Path(args.file)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    requests, lines = [], path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            context, continuation = record["context"], record["continuation"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{n}: each line must be a JSON object with 'context' and 'continuation'") from None
-        requests.append(split_pair(tokenizer, context, continuation))
-    if not requests:
-        raise UserError(f"{path} holds no requests")
+    items, kind = _read_score_file(Path(args.file), tokenizer)
     try:
-        scores = score_requests(model, requests, args.mode, n=args.n, batch_size=args.batch_size)
+        rows = _score_rows(model, items, kind, args)
     except ValueError as err:
         raise UserError(str(err)) from None
-    for result in scores:
-        print(json.dumps({"logprob": result.logprob, "tokens": result.tokens, "greedy": result.greedy}))
-    total, count = sum(r.logprob for r in scores), sum(r.tokens for r in scores)
+    for row in rows:
+        print(json.dumps(row))
+    total, count = sum(r["logprob"] for r in rows), sum(r["tokens"] for r in rows)
+    label = args.mode + (f" n={args.n}" if args.mode == "masked" else "")
+    label += f" samples={args.samples}" if args.mode == "md-bound" else ""
     print(
-        f"[{args.mode}{f' n={args.n}' if args.mode == 'masked' else ''}] {len(scores)} requests, "
-        f"mean log-prob per token {total / count:.4f}",
+        f"[{label}] {len(rows)} {'texts' if kind == 'text' else 'requests'}, {count} tokens, "
+        f"{total / count:.4f} nats/token, perplexity {math.exp(-total / count):.2f}"
+        + (" (an upper bound)" if args.mode == "md-bound" else ""),
         file=sys.stderr,
     )
     return 0
@@ -264,11 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=_fill)
 
-    p = sub.add_parser("generate", help="continue a prompt: causal, prefix or diffusion mode")
+    p = sub.add_parser("generate", help="continue prompts: causal, prefix, diffusion or speculative mode")
     p.add_argument("folder")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="one prompt; the continuation streams to the terminal")
     p.add_argument("--mode", default="causal", choices=["causal", "prefix", "diffusion", "speculative"])
     p.add_argument("--k", type=int, default=4, help="speculative: tokens drafted per round by the bidirectional mode")
+    p.add_argument("--draft", default="cached", choices=["cached", "full"], help="speculative: the draft pass")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -276,13 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32, help="diffusion: model passes")
     p.add_argument("--strategy", default="confidence", choices=["confidence", "random"])
     p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive blocks")
+    p.add_argument("--prompts", help="a file of prompts (one per line, or a .jsonl with 'prompt'): JSONL out")
+    p.add_argument("--batch-size", type=int, default=8, help="--prompts in causal/prefix mode: prompts per batch")
+    p.add_argument("--output", help="--prompts: write the JSONL here (atomically) instead of stdout")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("score", help="log-likelihood of continuations given contexts (causal, prefix, masked)")
+    p = sub.add_parser("score", help="log-likelihood and perplexity of texts, or of continuations given contexts")
     p.add_argument("folder")
-    p.add_argument("file", help="JSONL with one {'context': ..., 'continuation': ...} per line")
-    p.add_argument("--mode", default="causal", choices=["causal", "prefix", "masked"])
+    p.add_argument("file", help="JSONL: one {'context': ..., 'continuation': ...} or one {'text': ...} per line")
+    p.add_argument("--mode", default="causal", choices=["causal", "prefix", "masked", "md-bound"])
     p.add_argument("--n", type=int, default=1, help="masked mode: tokens masked from each scored token on")
+    p.add_argument("--samples", type=int, default=32, help="md-bound: Monte-Carlo samples per request")
+    p.add_argument("--seed", type=int, default=0, help="md-bound: seed of the masks")
+    p.add_argument("--window", type=int, default=None, help="causal texts: window length (default: the context)")
+    p.add_argument("--stride", type=int, default=None, help="causal texts: new tokens per window (default: half)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_score)
 

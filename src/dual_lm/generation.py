@@ -1,12 +1,15 @@
-"""Using a model folder: masked fill (MNTP) and text generation in causal, prefix and diffusion modes."""
+"""Using a model folder: masked fill (MNTP) and text generation in causal, prefix, diffusion and speculative modes,
+one prompt (optionally streamed) or many (batched)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
-from dual_lm.config import BOS_ID, MASK_ID
+from dual_lm.config import BOS_ID, MASK_ID, PAD_ID
 from dual_lm.diffusion import DiffusionConfig, diffusion_generate
 from dual_lm.speculative import speculative_generate
 
@@ -50,26 +53,117 @@ def fill_masks(model, tokenizer, text: str, top_k: int = 5) -> list[FillResult]:
     return out
 
 
-@torch.no_grad()
-def generate_text(model, tokenizer, prompt: str, mode: str = "causal", max_new_tokens: int = 50, **options):
-    """Continue ``prompt`` in one of ``MODES``; options go to ``model.generate``, ``DiffusionConfig`` or
-    ``speculative_generate``. The speculative mode returns (text, acceptance rate)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+def continuation_text(tokenizer, prompt_ids, new_ids) -> str:
+    """The text the new tokens add after the prompt, spaces included: decoded together with the prompt
+    and cut after it (the decoder strips one leading space, so decoding the new tokens alone loses it)."""
+    prompt_ids, new_ids = list(prompt_ids), list(new_ids)
+    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    return whole[len(prompt) :] if whole.startswith(prompt) else tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+class TextPrinter(BaseStreamer):
+    """A transformers streamer that prints new text as it comes (the first ``put`` is the prompt).
+
+    Text is decoded with the prompt, so spaces survive, and held back while it ends inside a
+    multi-byte character.
+    """
+
+    def __init__(self, tokenizer, write: Callable[[str], object] = print):
+        self.tokenizer, self.write = tokenizer, write
+        self.prompt: list[int] | None = None
+        self.new: list[int] = []
+        self.shown = 0
+
+    def put(self, value) -> None:
+        ids = value.reshape(-1).tolist()
+        if self.prompt is None:
+            self.prompt = ids
+            return
+        self.new += ids
+        text = continuation_text(self.tokenizer, self.prompt, self.new)
+        if not text.endswith("\ufffd") and len(text) > self.shown:
+            self.write(text[self.shown :])
+            self.shown = len(text)
+
+    def end(self) -> None:
+        text = continuation_text(self.tokenizer, self.prompt or [], self.new)
+        self.write(text[self.shown :] + "\n")
+        self.shown = len(text)
+
+
+def _check_length(prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
-    limit = model.config.max_position_embeddings
-    if ids.shape[1] + max_new_tokens > limit:
+    if prompt_tokens + max_new_tokens > limit:
         raise ValueError(
-            f"the prompt ({ids.shape[1]} tokens) + {max_new_tokens} new tokens exceed the context of {limit}"
+            f"the prompt ({prompt_tokens} tokens) + {max_new_tokens} new tokens exceed the context of {limit}"
         )
+
+
+@torch.no_grad()
+def generate_text(
+    model, tokenizer, prompt: str, mode: str = "causal", max_new_tokens: int = 50, streamer=None, **options
+):
+    """Continue ``prompt`` in one of ``MODES``; options go to ``model.generate``, ``DiffusionConfig`` or
+    ``speculative_generate``. A ``streamer`` (e.g. ``TextPrinter``) sees the tokens as they come in the
+    causal, prefix and speculative modes. The speculative mode returns (text, acceptance rate)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    _check_length(ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
     if mode == "diffusion":
         new, _ = diffusion_generate(model, ids[0], max_new_tokens, DiffusionConfig(**options))
-        return tokenizer.decode(new, skip_special_tokens=True)
+        return continuation_text(tokenizer, ids[0].tolist(), new)
     if mode == "speculative":
+        if streamer is not None:
+            streamer.put(ids[0])
+            options["on_tokens"] = lambda new: streamer.put(torch.tensor(new))
         result = speculative_generate(model, ids[0], max_new_tokens, **options)
-        return tokenizer.decode(result.tokens, skip_special_tokens=True), result.acceptance_rate
-    extra = {"prefix_lengths": torch.tensor([ids.shape[1]], device=ids.device)} if mode == "prefix" else {}
-    out = model.generate(ids, max_new_tokens=max_new_tokens, **extra, **options)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        if streamer is not None:
+            streamer.end()
+        return continuation_text(tokenizer, ids[0].tolist(), result.tokens), result.acceptance_rate
+    out = model.generate(
+        ids, max_new_tokens=max_new_tokens, prefix_attention=mode == "prefix", streamer=streamer, **options
+    )
+    return continuation_text(tokenizer, ids[0].tolist(), out[0, ids.shape[1] :].tolist())
+
+
+@torch.no_grad()
+def generate_batch(
+    model, tokenizer, prompts: list[str], mode: str = "causal", max_new_tokens: int = 50, batch_size: int = 8, **options
+) -> list[str]:
+    """Continue many prompts: causal and prefix modes run ``batch_size`` left-padded prompts per
+    ``generate`` call (bucketed by length); diffusion and speculative run one prompt at a time."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if mode in ("diffusion", "speculative"):
+        outs = [generate_text(model, tokenizer, p, mode, max_new_tokens, **options) for p in prompts]
+        return [o[0] if isinstance(o, tuple) else o for o in outs]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    for ids in encoded:
+        _check_length(len(ids), max_new_tokens, model.config.max_position_embeddings)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    texts = [""] * len(prompts)
+    for at in range(0, len(order), batch_size):
+        chunk = order[at : at + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        out = model.generate(
+            ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            prefix_attention=mode == "prefix",
+            pad_token_id=PAD_ID,
+            **options,
+        )
+        for row, i in enumerate(chunk):
+            new = [t for t in out[row, width:].tolist() if t != PAD_ID]
+            texts[i] = continuation_text(tokenizer, encoded[i], new)
+    return texts

@@ -337,6 +337,14 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    def generate(self, inputs=None, *args, prefix_attention: bool = False, **kwargs):
+        """transformers' ``generate``; ``prefix_attention=True`` encodes the whole prompt bidirectionally
+        once and then decodes causally from that KV cache (left padding stays invisible)."""
+        if prefix_attention:
+            ids = inputs if inputs is not None else kwargs["input_ids"]
+            kwargs["prefix_lengths"] = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+        return super().generate(inputs, *args, **kwargs)
+
 
 class DLMLlamaForMaskedLM(_DLMWithLMHead):
     """Bidirectional (MNTP) LM: logits[:, i] predict token i+1, so a ``<mask>`` at i is read at i-1.

@@ -7,10 +7,14 @@
 
 Requests are token lists: the context starts with ``<s>``; the continuation is non-empty.
 Rows are sorted by length and padded on the right, so batches hold rows of similar length.
+
+Whole texts get their exact causal log-likelihood (sliding windows past the context length,
+``score_texts``); ``md_bound`` estimates the masked-diffusion lower bound with its standard error.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,19 +78,28 @@ def score_requests(model, requests, mode: str = "causal", n: int = 1, batch_size
     lengths = [len(c) + len(w) for c, w in requests]
     for batch in _rows_in_batches(lengths, batch_size):
         ids, mask = _pad([list(requests[i][0]) + list(requests[i][1]) for i in batch], model.device)
-        extra = {}
+        extra = {"attention_mode": "causal"}
         if mode == "prefix":
-            extra["prefix_lengths"] = torch.tensor([len(requests[i][0]) for i in batch], device=model.device)
-        logp = torch.log_softmax(model(ids, attention_mask=mask, **extra).logits.float(), -1)
-        for b, i in enumerate(batch):
-            context, continuation = requests[i]
-            positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=model.device)
-            gold = torch.tensor(continuation, device=model.device)
-            rows = logp[b, positions]
-            results[i] = Scored(
-                rows.gather(1, gold[:, None]).sum().item(), len(gold), bool((rows.argmax(-1) == gold).all())
-            )
+            extra = {"prefix_lengths": torch.tensor([len(requests[i][0]) for i in batch], device=model.device)}
+        reads = [(b, len(requests[i][0]) - 1 + t, w) for b, i in enumerate(batch) for t, w in enumerate(requests[i][1])]
+        logp = _logprobs_at(model, ids, mask, reads, extra)  # [N, V], N = continuation tokens in the batch
+        gold = torch.tensor([w for _, _, w in reads], device=logp.device)
+        picked, hits = logp.gather(1, gold[:, None]).squeeze(1).tolist(), (logp.argmax(-1) == gold).tolist()
+        at = 0
+        for i in batch:
+            n = len(requests[i][1])
+            results[i] = Scored(sum(picked[at : at + n]), n, all(hits[at : at + n]))
+            at += n
     return results
+
+
+def _logprobs_at(model, ids, mask, reads, extra) -> torch.Tensor:
+    """log-softmax of the logits at (row, position) pairs only: the trunk runs on the whole batch, the
+    head (the costly [*, V] part at long continuations and large vocabularies) on the read positions."""
+    hidden = model.run_trunk(ids, mask, use_cache=False, **extra).last_hidden_state  # [B, T, D]
+    rows = torch.tensor([r for r, _, _ in reads], device=ids.device)
+    positions = torch.tensor([p for _, p, _ in reads], device=ids.device)
+    return torch.log_softmax(model.lm_head(hidden[rows, positions]).float(), -1)
 
 
 def masked_rows(context: list[int], continuation: list[int], n: int) -> list[tuple[list[int], int, int]]:
@@ -105,8 +118,120 @@ def _score_masked(model, requests, n: int, batch_size: int) -> list[Scored]:
     sums = [0.0] * len(requests)
     for batch in _rows_in_batches([len(row[0]) for _, row in flat], batch_size):
         ids, mask = _pad([flat[i][1][0] for i in batch], model.device)
-        logp = torch.log_softmax(model(ids, attention_mask=mask, attention_mode="bidirectional").logits.float(), -1)
-        for b, i in enumerate(batch):
-            request, (_, position, gold) = flat[i]
-            sums[request] += logp[b, position, gold].item()
+        reads = [(b, flat[i][1][1], flat[i][1][2]) for b, i in enumerate(batch)]
+        logp = _logprobs_at(model, ids, mask, reads, {"attention_mode": "bidirectional"})
+        gold = torch.tensor([g for _, _, g in reads], device=logp.device)
+        for i, value in zip(batch, logp.gather(1, gold[:, None]).squeeze(1).tolist(), strict=True):
+            sums[flat[i][0]] += value
     return [Scored(s, len(w), False) for s, (_, w) in zip(sums, requests, strict=True)]
+
+
+# ----------------------------------------------------------------------------- whole texts
+
+
+@dataclass(frozen=True)
+class TextScore:
+    logprob: float  # sum of log p over every token after the first
+    tokens: int  # how many tokens were scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.logprob / self.tokens)
+
+
+def rolling_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, first scored, end) windows covering tokens 1 .. length-1 once each, causal LM style.
+
+    The first window scores tokens 1 .. window-1 from the start; each later one scores the next
+    ``stride`` tokens with the ``window - stride`` (or more) tokens before them as context.
+    """
+    if window < 2 or not 1 <= stride <= window - 1:
+        raise ValueError(f"need window >= 2 and 1 <= stride <= window - 1, got window={window}, stride={stride}")
+    spans, first = [], 1
+    while first < length:
+        end = min(length, window if first == 1 else first + stride)
+        spans.append((max(0, end - window), first, end))
+        first = end
+    return spans
+
+
+@torch.no_grad()
+def score_texts(model, texts, window: int | None = None, stride: int | None = None, batch_size: int = 16):
+    """Exact causal log-likelihood of token lists (each starting with ``<s>``) of any length.
+
+    Texts longer than ``window`` (default: the model's context) are scored with sliding windows:
+    every token is scored once, with at least ``window - stride`` tokens of context (default stride:
+    half the window).
+    """
+    window = window or model.config.max_position_embeddings
+    stride = stride or max(1, window // 2)
+    if window > model.config.max_position_embeddings:
+        raise ValueError(f"window {window} exceeds the model's context of {model.config.max_position_embeddings}")
+    pieces, owner = [], []
+    for t, ids in enumerate(texts):
+        if len(ids) < 2:
+            raise ValueError(f"text {t}: needs at least 2 tokens (<s> and one more)")
+        for start, first, end in rolling_windows(len(ids), window, stride):
+            pieces.append((list(ids[start:first]), list(ids[first:end])))
+            owner.append(t)
+    sums = [0.0] * len(texts)
+    for t, scored in zip(owner, score_requests(model, pieces, "causal", batch_size=batch_size), strict=True):
+        sums[t] += scored.logprob
+    return [TextScore(s, len(ids) - 1) for s, ids in zip(sums, texts, strict=True)]
+
+
+# ----------------------------------------------------------------------------- the masked-diffusion bound
+
+
+@dataclass(frozen=True)
+class Bound:
+    logprob: float  # Monte-Carlo estimate of the lower bound on log p(continuation | context)
+    stderr: float  # its standard error over the samples
+    samples: int
+
+
+def bound_rows(context, continuation, samples: int, generator: torch.Generator) -> list[tuple[list[int], list, float]]:
+    """Draws for the MD bound: (input ids, [(read position, gold)], weight L/k) per sample.
+
+    k ~ U{1..L} continuation tokens are masked, uniformly at random; each masked token is read at
+    the position before it (next-token shift). E[weight x sum log p] <= log p(w | c), the
+    exactly-k form of the masked-diffusion ELBO (LLaDA, Nie et al. 2025, eq. 12).
+    """
+    length, rows = len(continuation), []
+    for _ in range(samples):
+        k = int(torch.randint(1, length + 1, (), generator=generator))
+        chosen = torch.randperm(length, generator=generator)[:k].tolist()
+        ids = list(context) + list(continuation)
+        reads = []
+        for i in chosen:
+            j = len(context) + i
+            ids[j] = MASK_ID
+            reads.append((j - 1, continuation[i]))
+        rows.append((ids, reads, length / k))
+    return rows
+
+
+@torch.no_grad()
+def md_bound(model, requests, samples: int = 32, seed: int = 0, batch_size: int = 16) -> list[Bound]:
+    """Monte-Carlo masked-diffusion lower bound on log p(continuation | context) with its standard error."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 for a standard error, got {samples}")
+    _check(requests, model.config.max_position_embeddings)
+    generator = torch.Generator().manual_seed(seed)
+    flat = [(r, row) for r, (c, w) in enumerate(requests) for row in bound_rows(c, w, samples, generator)]
+    values: list[list[float]] = [[] for _ in requests]
+    for batch in _rows_in_batches([len(row[0]) for _, row in flat], batch_size):
+        ids, mask = _pad([flat[i][1][0] for i in batch], model.device)
+        reads = [(b, p, g) for b, i in enumerate(batch) for p, g in flat[i][1][1]]
+        logp = _logprobs_at(model, ids, mask, reads, {"attention_mode": "bidirectional"})
+        gold = torch.tensor([g for _, _, g in reads], device=logp.device)
+        picked, at = logp.gather(1, gold[:, None]).squeeze(1).tolist(), 0
+        for i in batch:
+            request, (_, row_reads, weight) = flat[i]
+            values[request].append(weight * sum(picked[at : at + len(row_reads)]))
+            at += len(row_reads)
+    out = []
+    for v in values:
+        x = torch.tensor(v, dtype=torch.float64)
+        out.append(Bound(x.mean().item(), (x.std() / math.sqrt(len(v))).item(), len(v)))
+    return out

@@ -1,23 +1,30 @@
 """Self-speculative decoding: the bidirectional mode drafts k tokens at once, the causal mode verifies them.
 
-Each round appends k ``<mask>`` to the sequence and reads all k drafts from one bidirectional pass
+Each round reads k drafts from one bidirectional pass over the last accepted token and k ``<mask>``
 (token i read at position i-1, MNTP); one causal pass of k+1 tokens over the KV cache of the
 accepted sequence then gives the causal distribution p at every draft position (the cache is
-cropped back after rejections). Drafts are accepted left to right with the
-speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): accept x with probability
-min(1, p(x)/q(x)), else sample from normalise(max(0, p - q)) and stop the round; when all k pass,
-one more token comes from p. Greedy (temperature 0) accepts a draft iff it is the causal argmax,
-so the output is token for token the causal greedy output; sampled output has the causal distribution.
+cropped back after rejections). The draft pass (``draft="cached"``, the default) also runs over
+that causal KV cache: only the k+1 new positions attend bidirectionally, to each other and to the
+cache, so a round costs two short cached passes; ``draft="full"`` recomputes the whole sequence
+bidirectionally, as in training (on the demo model both accept about as often, see BENCHMARKS.md).
+Drafts are accepted left to right with the speculative-sampling rule (Leviathan et al. 2023; Chen
+et al. 2023): accept x with probability min(1, p(x)/q(x)), else sample from normalise(max(0, p - q))
+and stop the round; when all k pass, one more token comes from p. Greedy (temperature 0) accepts a
+draft iff it is the causal argmax, so the output is token for token the causal greedy output;
+sampled output has the causal distribution.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from dual_lm.config import EOS_ID, MASK_ID
+
+DRAFTS = ("cached", "full")
 
 
 @dataclass
@@ -39,6 +46,26 @@ def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, -1)
 
 
+def _draft_logits(model, seq: torch.Tensor, cache, k: int, draft: str) -> torch.Tensor:
+    """[k, V] bidirectional logits for the k tokens after ``seq``, read at the positions before them."""
+    masks = torch.full((k,), MASK_ID, dtype=seq.dtype, device=seq.device)
+    if draft == "full":
+        n = seq.numel()
+        return model(torch.cat([seq, masks])[None], attention_mode="bidirectional").logits[0, n - 1 : n + k - 1]
+    block = torch.cat([seq[-1:], masks])[None]  # positions n-1 .. n+k-1, over the cache of 0 .. n-2
+    logits = model(block, cache=cache, use_cache=True, attention_mode="bidirectional").logits[0, :k]
+    cache.crop(-(k + 1))  # the draft's keys and values are not the causal ones: drop them
+    return logits
+
+
+def _report(on_tokens, new: list[int], before: int, max_new_tokens: int, stop_at_eos: bool) -> None:
+    shown = new[: max(0, max_new_tokens - before)]
+    if stop_at_eos and EOS_ID in shown:
+        shown = shown[: shown.index(EOS_ID)]
+    if shown:
+        on_tokens(shown)
+
+
 @torch.no_grad()
 def speculative_generate(
     model,
@@ -48,10 +75,15 @@ def speculative_generate(
     temperature: float = 0.0,
     seed: int = 0,
     stop_at_eos: bool = True,
+    on_tokens: Callable[[list[int]], object] | None = None,
+    draft: str = "cached",
 ) -> SpeculativeResult:
-    """Generate up to ``max_new_tokens`` after ``prompt_ids`` [P] drafting ``k`` tokens per round."""
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` [P] drafting ``k`` tokens per round;
+    ``on_tokens`` receives each round's new tokens (for streaming), cut at the limit and at ``</s>``."""
     if not 1 <= k <= 64:
         raise ValueError(f"k (drafted tokens per round) must lie in [1, 64], got {k}")
+    if draft not in DRAFTS:
+        raise ValueError(f"unknown draft {draft!r}; choose one of {', '.join(DRAFTS)}")
     if max_new_tokens < 1 or temperature < 0:
         raise ValueError("max_new_tokens must be >= 1 and temperature >= 0")
     limit = model.config.max_position_embeddings
@@ -64,9 +96,7 @@ def speculative_generate(
     if seq.numel() > 1:  # the causal cache always covers every token but the last one
         model(seq[None, :-1], cache=cache, use_cache=True)
     while seq.numel() - start < max_new_tokens:
-        n = seq.numel()
-        canvas = torch.cat([seq, torch.full((k,), MASK_ID, dtype=seq.dtype, device=seq.device)])
-        q = _distribution(model(canvas[None], attention_mode="bidirectional").logits[0, n - 1 : n + k - 1], temperature)
+        q = _distribution(_draft_logits(model, seq, cache, k, draft), temperature)
         drafts = q.argmax(-1) if temperature == 0 else torch.multinomial(q.cpu(), 1, generator=generator).squeeze(1)
         drafts = drafts.to(seq.device)
         verify = torch.cat([seq[-1:], drafts])[None]  # one cached causal pass: p at positions n-1 .. n+k-1
@@ -89,6 +119,8 @@ def speculative_generate(
         rejected = cache.get_seq_length() - (seq.numel() - 1)
         if rejected > 0:
             cache.crop(-rejected)  # drop the rejected drafts' keys and values
+        if on_tokens is not None:
+            _report(on_tokens, new, seq.numel() - len(new) - start, max_new_tokens, stop_at_eos)
         if stop_at_eos and EOS_ID in new:
             break
     out = seq[start : start + max_new_tokens].tolist()
