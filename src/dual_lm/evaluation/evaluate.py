@@ -1,0 +1,55 @@
+"""The ``dual-lm eval`` job: load a model folder, run the chosen tasks, write the results JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dual_lm.errors import UserError
+from dual_lm.evaluation.results import build_results
+from dual_lm.evaluation.runner import EvalSettings, TaskRun, run_task
+from dual_lm.evaluation.tasks import load_items
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    folder: str | Path
+    tasks: list[str]
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    limit: int | None = None
+    blimp_path: str | Path | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+
+def load_folder(folder: str | Path, device: str = "cpu"):
+    """(model, tokenizer) of a model folder that carries its tokenizer; one error otherwise."""
+    from transformers import AutoTokenizer
+
+    from dual_lm.folder import check_folder, load_model
+
+    folder = check_folder(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{folder} has no tokenizer.json; evaluation needs a folder that carries its tokenizer")
+    return load_model(folder).to(device), AutoTokenizer.from_pretrained(str(folder))
+
+
+def model_info(folder: str | Path) -> dict:
+    from dual_lm.folder import inspect_folder
+
+    info = inspect_folder(folder)
+    return {"name": Path(folder).resolve().name, "folder": str(Path(folder).resolve()), "parameters": info.total}
+
+
+def run_job(job: EvalJob) -> dict:
+    """Evaluate every task of ``job`` (data is loaded before the model, so missing data fails fast)."""
+    import torch
+
+    if job.limit is not None and job.limit < 1:
+        raise UserError(f"--limit must be >= 1 (got {job.limit})")
+    items = {name: load_items(name, job.limit, job.blimp_path) for name in job.tasks}
+    torch.manual_seed(job.seed)
+    model, tokenizer = load_folder(job.folder, job.device)
+    runs: list[TaskRun] = [run_task(model, tokenizer, name, items[name], job.settings) for name in job.tasks]
+    extra = {"seed": job.seed, "limit": job.limit, "device": job.device, "dtype": str(model.dtype).split(".")[-1]}
+    return build_results(model_info(job.folder), job.settings, runs, **extra)

