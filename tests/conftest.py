@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,35 @@ def tiny_config():
     import dataclasses
 
     return llama_config(dataclasses.replace(PRESETS["tiny"], max_position_embeddings=64))
+
+
+def sentences(n, seed):
+    rng = random.Random(seed)
+    subjects, verbs, objects = (
+        ["the king", "a fool", "my lord", "the queen"],
+        ["loves", "fears", "sees"],
+        ["him", "the crown", "us"],
+    )
+    return [
+        ". ".join(
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(rng.randint(2, 12))
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A prepare-data folder of 300 synthetic documents (vocabulary 320, 300 validation tokens)."""
+    from dual_lm.prepare import PrepareRequest, prepare_data
+    from dual_lm.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("train-data")
+    docs = sentences(300, 0)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    save_tokenizer(train_tokenizer(iter(docs), vocab_size=320), root / "tok.json")
+    prepare_data(PrepareRequest(str(root / "tok.json"), (str(root / "corpus.jsonl"),), str(root / "data"), 300, 2))
+    return root / "data"
 
 
 @pytest.fixture(autouse=True)

