@@ -196,6 +196,33 @@ def test_results_table_and_average():
     assert average({"a": dict.fromkeys(keys, 10.0), "b": dict.fromkeys(keys, 30.0)})["normalized_acc"] == 20.0
 
 
+def result(name: str, **scores: float) -> dict:
+    from dual_lm.evaluation.results import FORMAT, METRICS
+
+    tasks = {t: dict.fromkeys(METRICS, v) for t, v in scores.items()}
+    avg = dict.fromkeys(METRICS, sum(scores.values()) / len(scores))
+    return {"format": FORMAT, "model": {"name": name}, "mode": "causal", "tasks": tasks, "average": avg}
+
+
+def test_missing_tasks_show_no_value_and_averages_over_other_tasks_are_marked(tmp_path, monkeypatch):
+    from dual_lm import plot
+    from dual_lm.evaluation.compare import plot_runs
+    from dual_lm.evaluation.results import markdown_table
+
+    full, part = result("a", piqa=10.0, arc_easy=30.0), result("b", piqa=50.0)
+    lines = markdown_table([full, part]).splitlines()
+    assert lines[2] == "| a (causal) | 30.0 | 10.0 | 20.0 |"
+    assert lines[3] == "| b (causal) | \u2014 | 50.0 | 50.0 (1 task) |"
+    figures, save = [], plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, out: figures.append(fig) or save(fig, out))
+    png = plot_runs([full, part], tmp_path / "sub" / "cmp.png")
+    assert png.stat().st_size > 1000 and not list(png.parent.glob(".*tmp*"))
+    (ax,) = figures[0].axes
+    heights = [bar.get_height() for bar in ax.patches]  # run a: ARC-E, PIQA, Avg; then run b
+    assert heights[:3] == [30.0, 10.0, 20.0] and heights[3] != heights[3] and heights[4:] == [50.0, 50.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (causal)", "b (causal); Avg over 1 of 2 tasks"]
+
+
 # ---------------------------------------------------------------------------- tokenisation and scoring
 
 
@@ -265,25 +292,83 @@ def test_adapter_runs_a_local_task_end_to_end(folder, loaded, task_dir):
     assert 0.0 <= results["masked"]["acc,none"] <= 1.0
 
 
+def explicit_rolling(model, bos: int, ids: list[int], limit: int) -> float:
+    """Causal log-likelihood of ``ids`` by hand: windows of ``limit - 1`` tokens, the first after ``<s>``, each
+    after as many of the tokens just before it as fit in ``limit`` positions (lm-eval's disjoint windows)."""
+    full, total, step = [bos, *ids], 0.0, limit - 1
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        context = full[max(0, start + 1 - (limit - len(chunk))) : start + 1]
+        with torch.no_grad():
+            logits = model(torch.tensor([context + chunk]), attention_mode="causal").logits[0].float()
+        logp = logits.log_softmax(-1)
+        total += sum(logp[len(context) - 1 + j, token].item() for j, token in enumerate(chunk))
+    return total
+
+
 @needs_lm_eval
-def test_adapter_rolling_is_exact_in_causal_mode_and_generation_stops(folder, loaded):
+def test_adapter_rolling_scores_every_token_once(folder, loaded):
     from dual_lm.evaluation.lm_eval_adapter import DualLMEval
     from dual_lm.scoring import score_requests
 
     model, tok = loaded
     lm = DualLMEval(pretrained=str(folder), mode="causal", batch_size=4)
-    text = "The cats sleep on the mat. Every child likes games."
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    text = "The cats sleep on the mat. Every child likes games. The dog runs."
+    ids, bos = tok(text, add_special_tokens=False)["input_ids"], tok.bos_token_id
     (rolling,) = lm.loglikelihood_rolling([Req(text)], disable_tqdm=True)
-    assert rolling == pytest.approx(score_requests(model, [([tok.bos_token_id], ids)])[0].logprob, abs=1e-4)
-    lm.model.config.max_position_embeddings = 8  # several disjoint windows, each scored after its own context
+    assert rolling == pytest.approx(score_requests(model, [([bos], ids)])[0].logprob, abs=1e-4)
+
+    seen, score = [], lm._loglikelihood_tokens
+    lm._loglikelihood_tokens = lambda reqs, *a: seen.extend(reqs) or score(reqs, *a)
+    lm.model.config.max_position_embeddings = 8  # several windows; the last one shorter
+    assert len(ids) > 14 and len(ids) % 7
     (windowed,) = lm.loglikelihood_rolling([Req(text)], disable_tqdm=True)
     lm.model.config.max_position_embeddings = 512
-    assert windowed < 0 and windowed != pytest.approx(rolling)
+    assert [t for _, _, w in seen for t in w] == ids  # every token once, in order
+    at = 0
+    for _, context, continuation in seen:
+        assert len(context) + len(continuation) <= 8 and context == [bos, *ids][at + 1 - len(context) : at + 1]
+        at += len(continuation)
+    assert windowed == pytest.approx(explicit_rolling(model, bos, ids, 8), abs=1e-4)
+
+
+@needs_lm_eval
+def test_adapter_generation_fits_the_context_and_stops(folder):
+    from dual_lm.evaluation.lm_eval_adapter import DualLMEval
+
+    lm = DualLMEval(pretrained=str(folder), mode="causal", batch_size=4)
     outs = lm.generate_until(
         [Req("Question: a\nAnswer:", {"until": ["e"], "max_gen_toks": 6}), Req("The", {"until": [], "max_gen_toks": 3})]
     )
     assert len(outs) == 2 and "e" not in outs[0] and all(isinstance(o, str) for o in outs)
+    text = "The cats sleep on the mat. Every child likes games. The dog runs."
+    lm.model.config.max_position_embeddings = 8
+    try:
+        assert lm._new_tokens(20) == 7 and lm._new_tokens(0) == 1
+        prompt = lm._fit_prompt(text, 3)
+        assert 1 < len(lm.tokenizer(prompt)["input_ids"]) <= 5 and prompt.strip() and text.endswith(prompt.strip())
+        assert lm._fit_prompt("Hi", 3) == "Hi"
+        (out,) = lm.generate_until([Req(text, {"until": [], "max_gen_toks": 20})])  # more than the context
+        assert isinstance(out, str)
+    finally:
+        lm.model.config.max_position_embeddings = 512
+
+
+@needs_lm_eval
+def test_adapter_honours_dtype_and_rejects_unknown_model_args(folder, monkeypatch):
+    from dual_lm.evaluation.evaluate import load_folder
+    from dual_lm.evaluation.lm_eval_adapter import DualLMEval
+
+    lm = DualLMEval(pretrained=str(folder), dtype="bfloat16", device="cpu", max_batch_size=None)
+    assert lm.model.dtype == torch.bfloat16
+    assert load_folder(folder, dtype="auto")[0].dtype == torch.float32  # the folder was saved in float32
+    with pytest.raises(UserError, match="did you mean 'dtype'"):
+        DualLMEval(pretrained=str(folder), dtyp="float16")
+    with pytest.raises(UserError, match="unknown dtype 'float8'"):
+        load_folder(folder, dtype="float8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # lm-eval's CLI passes cuda:0 by default
+        assert DualLMEval(pretrained=str(folder), device="cuda:0").model.device.type == "cpu"
 
 
 @needs_lm_eval
@@ -370,3 +455,13 @@ def test_bad_input(folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "x.json").write_text("{}")
     assert main(["eval-compare", str(tmp_path / "x.json")]) == 2
     assert "not a `dual-lm eval` results file" in capsys.readouterr().err
+    (tmp_path / "y.json").write_text(json.dumps({"format": "dual-lm-eval/1", "tasks": {"piqa": {"acc": 1.0}}}))
+    assert main(["eval-compare", str(tmp_path / "y.json")]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete `dual-lm eval` results file" in err and '"model"' in err and '"mode"' in err
+    assert '"tasks"["piqa"] needs the numbers' in err and '"average"' in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["eval", str(folder), "--tasks", "piqa", "--device", "cuda"]) == 2  # before any data is read
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["eval", str(folder), "--tasks", "piqa", "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_generate_text_modes(model_and_tokenizer):
     causal = generate_text(model, tokenizer, "Hello there", "causal", 5, do_sample=False)
     expected = model.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1] :]
     assert causal == continuation_text(tokenizer, ids[0].tolist(), expected.tolist())
-    assert causal.startswith(" ") or causal[:1] in ",.;:!?'"  # the space before the next word survives
+    assert causal and (causal.startswith(" ") or causal[0] in ",.;:!?'")  # the space before the next word survives
     prefix = generate_text(model, tokenizer, "Hello there", "prefix", 5, do_sample=False)
     seq = ids
     for _ in range(5):
@@ -201,6 +201,13 @@ def test_streamed_text_equals_the_returned_text(model_and_tokenizer, mode):
     )
     text = out[0] if mode == "speculative" else out
     assert len(pieces) > 2 and "".join(pieces) == text + "\n"
+    pieces.clear()
+    bad = {"k": 0} if mode == "speculative" else {}
+    with pytest.raises(ValueError):
+        generate_text(
+            model, tokenizer, "Hello", mode, 100_000 if not bad else 4, TextPrinter(tokenizer, pieces.append), **bad
+        )
+    assert pieces == []  # a bad option fails before anything is written
 
 
 def test_cli_generate_streams_one_prompt_and_batches_a_file(tokenizer_51200, tmp_path, capsys):
@@ -228,3 +235,24 @@ def test_cli_generate_streams_one_prompt_and_batches_a_file(tokenizer_51200, tmp
     assert "exactly one of --prompt TEXT or --prompts FILE" in capsys.readouterr().err
     assert main(["generate", folder, "--prompts", str(tmp_path / "none.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_accept_drafts_gives_every_position_the_target_distribution():
+    """With fixed p and q, the token at position j (when the round reaches it) is distributed as p_j:
+    accepted drafts and residual samples at j = 0 and j > 0, and the bonus token after k drafts."""
+    from dual_lm.speculative import accept_drafts
+
+    torch.manual_seed(0)
+    k, vocab, trials = 2, 5, 20000
+    p = torch.softmax(torch.randn(k + 1, vocab) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, vocab) * 1.5, -1)
+    generator = torch.Generator().manual_seed(1)
+    counts = torch.zeros(k + 1, vocab)
+    for _ in range(trials):
+        drafts = torch.multinomial(q, 1, generator=generator).squeeze(1)
+        for j, token in enumerate(accept_drafts(p, q, drafts, generator)):
+            counts[j, token] += 1
+    reached = counts.sum(1)
+    assert reached[0] == trials and reached[2] > 1000  # the bonus position is exercised
+    for j in range(k + 1):
+        assert torch.allclose(counts[j] / reached[j], p[j], atol=4 / reached[j].sqrt())

@@ -199,7 +199,9 @@ def test_cli_scores_texts_and_the_md_bound(tokenizer_51200, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out)["stderr"] >= 0 and "an upper bound" in err
     assert main(["score", str(folder), str(texts), "--mode", "masked"]) == 2  # 150 tokens exceed the context of 64
-    assert "exceed the context" in capsys.readouterr().err
+    assert "only --mode causal scores long texts" in capsys.readouterr().err
+    assert main(["score", str(folder), str(pairs), "--window", "16"]) == 2
+    assert "--window and --stride apply to 'text' records in causal mode only" in capsys.readouterr().err
     pairs.write_text(json.dumps({"text": "x"}) + "\n" + json.dumps({"context": "a", "continuation": " b"}) + "\n")
     assert main(["score", str(folder), str(pairs)]) == 2
     assert "mixes 'text' records" in capsys.readouterr().err

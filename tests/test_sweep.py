@@ -119,3 +119,18 @@ def test_task_scores_of_a_cell(data_dir, tmp_path):
     scores = task_scores(model, spec)
     assert set(scores) == {"tasks_causal", "tasks_prefix"} and all(-100 <= v <= 100 for v in scores.values())
     assert task_scores(model, SweepSpec((0.5,), (1,), tmp_path / "g")) == {}
+
+
+def test_a_changed_config_or_clashing_alphas_are_refused(data_dir, tmp_path, capsys):
+    args = sweep_args(data_dir, tmp_path)
+    args[args.index("--alphas") + 1], args[args.index("--repetitions") + 1] = "1", "1"
+    assert main(args) == 0
+    changed = [a.replace("train.steps=4", "train.steps=6") for a in args]
+    assert main(changed) == 2
+    assert "was run with another config" in capsys.readouterr().err
+    args[args.index("--alphas") + 1] = "63/64,0.9844"
+    assert main(args) == 2
+    assert "equal to 3 decimals" in capsys.readouterr().err
+    args[args.index("--alphas") + 1] = "1"
+    assert main([*args, "--tasks", "arc_easy,bogus"]) == 2
+    assert "unknown task(s) bogus" in capsys.readouterr().err

@@ -151,34 +151,13 @@ def _generation_options(args) -> dict:
     return {"do_sample": sampling, **({"temperature": args.temperature, "top_p": args.top_p} if sampling else {})}
 
 
-def _read_prompts(path: Path) -> list[str]:
-    """One prompt per line of a text file, or a ``prompt`` field per line of a .jsonl file."""
-    import json
-
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(line)
-            continue
-        try:
-            prompts.append(str(json.loads(line)["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{n}: each line must be a JSON object with a 'prompt'") from None
-    if not prompts:
-        raise UserError(f"{path} holds no prompts")
-    return prompts
-
-
 def _generate(args) -> int:
     from dual_lm.generation import TextPrinter, generate_batch, generate_text
+    from dual_lm.jsonl_io import read_prompts, write_generations
 
     if (args.prompt is None) == (args.prompts is None):
         raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
-    prompts = _read_prompts(Path(args.prompts)) if args.prompts else None
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else None
     model, tokenizer = _load_with_tokenizer(args.folder)
     options = _generation_options(args)
     try:
@@ -186,11 +165,11 @@ def _generate(args) -> int:
             texts = generate_batch(
                 model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size, **options
             )
-            return _write_generations(prompts, texts, args.output)
+            write_generations(prompts, texts, args.output)
+            return 0
         streams = args.mode != "diffusion"  # a diffusion canvas resolves all at once: printed when done
-        if streams:
-            print(args.prompt, end="", flush=True)
-        printer = TextPrinter(tokenizer, lambda text: print(text, end="", flush=True)) if streams else None
+        write = lambda text: print(text, end="", flush=True)  # noqa: E731
+        printer = TextPrinter(tokenizer, write, prompt_text=args.prompt) if streams else None
         text = generate_text(model, tokenizer, args.prompt, args.mode, args.max_new_tokens, printer, **options)
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -202,74 +181,15 @@ def _generate(args) -> int:
     return 0
 
 
-def _write_generations(prompts: list[str], texts: list[str], output: str | None) -> int:
-    import json
-
-    from dual_lm.atomic import write_text_atomic
-
-    lines = "".join(json.dumps({"prompt": p, "text": t}) + "\n" for p, t in zip(prompts, texts, strict=True))
-    if output is None:
-        print(lines, end="")
-    else:
-        write_text_atomic(Path(output), lines)
-        print(f"wrote {len(texts)} continuations to {output}", file=sys.stderr)
-    return 0
-
-
-def _read_score_file(path: Path, tokenizer) -> tuple[list, str]:
-    """Requests from a JSONL file: all {'context', 'continuation'} pairs, or all {'text'} records."""
-    import json
-
-    from dual_lm.scoring import split_pair
-
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    items, kinds = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if "text" in record:
-                items.append(tokenizer(str(record["text"]))["input_ids"])
-                kinds.add("text")
-            else:
-                items.append(split_pair(tokenizer, record["context"], record["continuation"]))
-                kinds.add("pair")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(
-                f"{path}:{n}: each line must be a JSON object with 'text', or with 'context' and 'continuation'"
-            ) from None
-    if not items:
-        raise UserError(f"{path} holds no requests")
-    if len(kinds) > 1:
-        raise UserError(f"{path} mixes 'text' records and context/continuation pairs; use one kind per file")
-    return items, kinds.pop()
-
-
-def _score_rows(model, items: list, kind: str, args) -> list[dict]:
-    from dual_lm.scoring import md_bound, score_requests, score_texts
-
-    if kind == "text" and args.mode == "causal":
-        results = score_texts(model, items, args.window, args.stride, args.batch_size)
-        return [{"logprob": r.logprob, "tokens": r.tokens, "perplexity": r.perplexity} for r in results]
-    if kind == "text":  # the whole text after <s>, read in the chosen mode (one window)
-        items = [(ids[:1], ids[1:]) for ids in items]
-    if args.mode == "md-bound":
-        results = md_bound(model, items, args.samples, args.seed, args.batch_size)
-        tokens = [len(w) for _, w in items]
-        return [{"logprob": r.logprob, "stderr": r.stderr, "tokens": n} for r, n in zip(results, tokens, strict=True)]
-    results = score_requests(model, items, args.mode, n=args.n, batch_size=args.batch_size)
-    return [{"logprob": r.logprob, "tokens": r.tokens, "greedy": r.greedy} for r in results]
-
-
 def _score(args) -> int:
     import json
 
+    from dual_lm.jsonl_io import read_score_file, score_records
+
     model, tokenizer = _load_with_tokenizer(args.folder)
-    items, kind = _read_score_file(Path(args.file), tokenizer)
+    items, kind = read_score_file(Path(args.file), tokenizer)
     try:
-        rows = _score_rows(model, items, kind, args)
+        rows = score_records(model, items, kind, args)
     except ValueError as err:
         raise UserError(str(err)) from None
     for row in rows:
@@ -337,13 +257,27 @@ def _lm_eval(args) -> int:
     return 0
 
 
+def _checked_tasks(text: str | None, limit: int | None) -> tuple[str, ...]:
+    """The sweep's evaluation tasks, their data checked now rather than after hours of training."""
+    if not text:
+        return ()
+    from dual_lm.evaluation.tasks import load_items, parse_tasks
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1 (got {limit})")
+    names = tuple(parse_tasks(text))
+    for name in names:
+        load_items(name, 1)
+    return names
+
+
 def _sweep(args) -> int:
     from dual_lm.sweep import SweepSpec, parse_alphas, parse_repetitions, results_table, run_sweep
 
     if args.nproc < 1 or args.windows < 0:
         raise UserError("--nproc must be >= 1 and --windows >= 0")
     base = _run_config(args)
-    tasks = tuple(t for t in (args.tasks or "").split(",") if t)
+    tasks = _checked_tasks(args.tasks, args.limit)
     out = Path(args.output or Path(base.output).parent / "sweep")
     spec = SweepSpec(
         parse_alphas(args.alphas), parse_repetitions(args.repetitions), out, args.nproc, args.windows, tasks, args.limit

@@ -11,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from dual_lm.config import BOS_ID, MASK_ID, PAD_ID
 from dual_lm.diffusion import DiffusionConfig, diffusion_generate
+from dual_lm.speculative import check_options as check_speculative
 from dual_lm.speculative import speculative_generate
 
 MODES = ("causal", "prefix", "diffusion", "speculative")
@@ -63,14 +64,15 @@ def continuation_text(tokenizer, prompt_ids, new_ids) -> str:
 
 
 class TextPrinter(BaseStreamer):
-    """A transformers streamer that prints new text as it comes (the first ``put`` is the prompt).
+    """A transformers streamer that prints new text as it comes (the first ``put`` is the prompt,
+    written as ``prompt_text`` when given, so nothing is printed before decoding has started).
 
     Text is decoded with the prompt, so spaces survive, and held back while it ends inside a
     multi-byte character.
     """
 
-    def __init__(self, tokenizer, write: Callable[[str], object] = print):
-        self.tokenizer, self.write = tokenizer, write
+    def __init__(self, tokenizer, write: Callable[[str], object] = print, prompt_text: str | None = None):
+        self.tokenizer, self.write, self.prompt_text = tokenizer, write, prompt_text
         self.prompt: list[int] | None = None
         self.new: list[int] = []
         self.shown = 0
@@ -79,6 +81,8 @@ class TextPrinter(BaseStreamer):
         ids = value.reshape(-1).tolist()
         if self.prompt is None:
             self.prompt = ids
+            if self.prompt_text is not None:
+                self.write(self.prompt_text)
             return
         self.new += ids
         text = continuation_text(self.tokenizer, self.prompt, self.new)
@@ -116,7 +120,10 @@ def generate_text(
         new, _ = diffusion_generate(model, ids[0], max_new_tokens, DiffusionConfig(**options))
         return continuation_text(tokenizer, ids[0].tolist(), new)
     if mode == "speculative":
-        if streamer is not None:
+        if streamer is not None:  # check the options before the streamer writes the prompt
+            limit, opts = model.config.max_position_embeddings, {"k": 4, "temperature": 0.0, "draft": "cached"}
+            opts |= {key: options[key] for key in opts if key in options}
+            check_speculative(ids.shape[1], max_new_tokens, limit, **opts)
             streamer.put(ids[0])
             options["on_tokens"] = lambda new: streamer.put(torch.tensor(new))
         result = speculative_generate(model, ids[0], max_new_tokens, **options)

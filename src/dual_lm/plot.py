@@ -69,6 +69,8 @@ SWEEP_PANELS = [
     ("val_ar_nll", "validation AR loss (lower is better)", "viridis_r"),
     ("val_md_loss", "validation MD loss (lower is better)", "viridis_r"),
     ("prefix_gain", "prefix gain: causal - prefix nats/token", "RdBu"),
+    ("tasks_causal", "task score, causal (normalized accuracy)", "viridis"),
+    ("tasks_prefix", "task score, prefix (normalized accuracy)", "viridis"),
 ]
 
 

@@ -32,11 +32,13 @@ class Scored:
 
 
 def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation): the pair is tokenised as one text and split where the
-    context's own tokens end (so a leading space stays with the continuation's first word)."""
+    """Token ids of (context, continuation) as lm-evaluation-harness splits a pair: the context alone,
+    and the tokens of context + continuation after the context's length (so a leading space stays
+    with the continuation's first word). Only when that leaves nothing is the continuation
+    tokenised on its own."""
     ctx = tokenizer(context)["input_ids"]
     full = tokenizer(context + continuation)["input_ids"]
-    if full[: len(ctx)] == ctx and len(full) > len(ctx):
+    if len(full) > len(ctx):
         return ctx, full[len(ctx) :]
     return ctx, tokenizer(continuation.strip(), add_special_tokens=False)["input_ids"]
 
@@ -163,6 +165,8 @@ def score_texts(model, texts, window: int | None = None, stride: int | None = No
     every token is scored once, with at least ``window - stride`` tokens of context (default stride:
     half the window).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     window = window or model.config.max_position_embeddings
     stride = stride or max(1, window // 2)
     if window > model.config.max_position_embeddings:
@@ -214,8 +218,8 @@ def bound_rows(context, continuation, samples: int, generator: torch.Generator) 
 @torch.no_grad()
 def md_bound(model, requests, samples: int = 32, seed: int = 0, batch_size: int = 16) -> list[Bound]:
     """Monte-Carlo masked-diffusion lower bound on log p(continuation | context) with its standard error."""
-    if samples < 2:
-        raise ValueError(f"samples must be >= 2 for a standard error, got {samples}")
+    if samples < 2 or batch_size < 1:
+        raise ValueError(f"samples must be >= 2 for a standard error and batch_size >= 1, got {samples}, {batch_size}")
     _check(requests, model.config.max_position_embeddings)
     generator = torch.Generator().manual_seed(seed)
     flat = [(r, row) for r, (c, w) in enumerate(requests) for row in bound_rows(c, w, samples, generator)]

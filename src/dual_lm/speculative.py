@@ -58,6 +58,39 @@ def _draft_logits(model, seq: torch.Tensor, cache, k: int, draft: str) -> torch.
     return logits
 
 
+def check_options(prompt_tokens: int, max_new_tokens: int, limit: int, k: int, temperature: float, draft: str) -> None:
+    """One ValueError naming the first bad option of ``speculative_generate``."""
+    if not 1 <= k <= 64:
+        raise ValueError(f"k (drafted tokens per round) must lie in [1, 64], got {k}")
+    if draft not in DRAFTS:
+        raise ValueError(f"unknown draft {draft!r}; choose one of {', '.join(DRAFTS)}")
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError("max_new_tokens must be >= 1 and temperature >= 0")
+    if prompt_tokens + max_new_tokens + k > limit:
+        raise ValueError(f"prompt + new tokens + k exceed the context of {limit}")
+
+
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator) -> list[int]:
+    """The speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023) for one round.
+
+    p [k+1, V]: target (causal) distributions at the k draft positions and one after; q [k, V]: the
+    draft distributions the drafts [k] were drawn from. Draft j is accepted with probability
+    min(1, p_j(x) / q_j(x)); the first rejection is replaced by a sample of normalise(max(0, p_j - q_j))
+    and ends the round; if all k pass, one more token comes from p_k. Returns the new tokens (1 to
+    k+1 of them; the accepted drafts are all but the last), each distributed as p at its position.
+    """
+    new, k = [], drafts.numel()
+    for j in range(k):
+        x = int(drafts[j])
+        if torch.rand((), generator=generator).item() < min(1.0, (p[j, x] / q[j, x]).item()):
+            new.append(x)
+            continue
+        residual = (p[j] - q[j]).clamp(min=0)
+        residual = residual / residual.sum() if residual.sum() > 0 else p[j]
+        return [*new, int(torch.multinomial(residual.cpu(), 1, generator=generator))]
+    return [*new, int(torch.multinomial(p[k].cpu(), 1, generator=generator))]
+
+
 def _report(on_tokens, new: list[int], before: int, max_new_tokens: int, stop_at_eos: bool) -> None:
     shown = new[: max(0, max_new_tokens - before)]
     if stop_at_eos and EOS_ID in shown:
@@ -80,15 +113,7 @@ def speculative_generate(
 ) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` [P] drafting ``k`` tokens per round;
     ``on_tokens`` receives each round's new tokens (for streaming), cut at the limit and at ``</s>``."""
-    if not 1 <= k <= 64:
-        raise ValueError(f"k (drafted tokens per round) must lie in [1, 64], got {k}")
-    if draft not in DRAFTS:
-        raise ValueError(f"unknown draft {draft!r}; choose one of {', '.join(DRAFTS)}")
-    if max_new_tokens < 1 or temperature < 0:
-        raise ValueError("max_new_tokens must be >= 1 and temperature >= 0")
-    limit = model.config.max_position_embeddings
-    if prompt_ids.numel() + max_new_tokens + k > limit:
-        raise ValueError(f"prompt + new tokens + k exceed the context of {limit}")
+    check_options(prompt_ids.numel(), max_new_tokens, model.config.max_position_embeddings, k, temperature, draft)
     generator = torch.Generator().manual_seed(seed)
     seq = prompt_ids.to(model.device).clone()
     start, drafted, accepted = seq.numel(), 0, 0
@@ -101,20 +126,8 @@ def speculative_generate(
         drafts = drafts.to(seq.device)
         verify = torch.cat([seq[-1:], drafts])[None]  # one cached causal pass: p at positions n-1 .. n+k-1
         p = _distribution(model(verify, cache=cache, use_cache=True).logits[0], temperature)  # [k+1, V]
-        new = []
-        for j in range(k):
-            x = drafts[j]
-            drafted += 1
-            if torch.rand((), generator=generator).item() < min(1.0, (p[j, x] / q[j, x]).item()):
-                accepted += 1
-                new.append(int(x))
-                continue
-            residual = (p[j] - q[j]).clamp(min=0)
-            residual = residual / residual.sum() if residual.sum() > 0 else p[j]
-            new.append(int(torch.multinomial(residual.cpu(), 1, generator=generator)))
-            break
-        else:
-            new.append(int(torch.multinomial(p[k].cpu(), 1, generator=generator)))
+        new = accept_drafts(p, q, drafts, generator)
+        drafted, accepted = drafted + min(len(new), k), accepted + len(new) - 1
         seq = torch.cat([seq, torch.tensor(new, dtype=seq.dtype, device=seq.device)])
         rejected = cache.get_seq_length() - (seq.numel() - 1)
         if rejected > 0:

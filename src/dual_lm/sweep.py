@@ -32,6 +32,15 @@ from dual_lm.config import BOS_ID, TrainConfig
 from dual_lm.errors import UserError
 
 VAL_KEYS = ("val_ar_nll", "val_md_loss", "val_md_nll", "val_ar_acc", "val_md_acc")
+COLUMN_NAMES = {
+    "val_ar_nll": "val AR nll",
+    "val_md_loss": "val MD loss",
+    "causal_nll": "causal nll",
+    "prefix_nll": "prefix nll",
+    "prefix_gain": "prefix gain",
+    "tasks_causal": "tasks causal",
+    "tasks_prefix": "tasks prefix",
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,8 @@ def parse_alphas(text: str) -> tuple[float, ...]:
         raise UserError(f"--alphas must be comma-separated numbers or fractions like 63/64, got {text!r}") from None
     if not values or any(not 0 <= a <= 1 for a in values) or len(set(values)) != len(values):
         raise UserError(f"--alphas must be distinct values in [0, 1], got {text!r}")
+    if len({f"{a:.3f}" for a in values}) != len(values):
+        raise UserError(f"--alphas {text!r} holds values equal to 3 decimals: their cells would share a folder")
     return values
 
 
@@ -157,20 +168,34 @@ def task_scores(model_dir: Path, spec: SweepSpec) -> dict:
     return out
 
 
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "output"}
+
+
+def check_same_config(cell_dir: Path, cfg: TrainConfig) -> None:
+    """A cell finished or started under another config is an error, not something to reuse."""
+    path = cell_dir / "run" / "config.json"  # written by every (re)start of the cell's training
+    if path.is_file() and _comparable(json.loads(path.read_text())) != _comparable(cfg.to_dict()):
+        raise UserError(
+            f"{cell_dir} was run with another config (see {path}); use a new --output, or delete the cell to rerun it"
+        )
+
+
 def run_cell(base: TrainConfig, alpha: float, repetitions: int, spec: SweepSpec) -> dict:
     """Train, export and evaluate one cell unless its ``result.json`` exists; returns the result."""
     cell_dir = spec.out_dir / branch_name(alpha, repetitions)
+    cfg = cell_config(base, alpha, repetitions, cell_dir)
+    check_same_config(cell_dir, cfg)
     done = cell_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = cell_config(base, alpha, repetitions, cell_dir)
     train_cell(cfg, spec.nproc)
     model_dir = export_checkpoint(Path(cfg.output), cell_dir / "model")
     final, curve = final_metrics(Path(cfg.output))
     result = {"alpha": alpha, "repetitions": repetitions, "name": cell_dir.name, "steps": cfg.train.steps}
     result |= {k: final[k] for k in VAL_KEYS if k in final} | {"tokens": final.get("tokens")}
     result |= scoring_gap(model_dir, cfg.data.path, spec.windows, cfg.data.seq_len) | task_scores(model_dir, spec)
-    result["curve"] = curve
+    result["curve"], result["config"] = curve, cfg.to_dict()
     write_json_atomic(done, result)
     return result
 
@@ -194,11 +219,12 @@ def run_sweep(base: TrainConfig, spec: SweepSpec) -> list[dict]:
 
 def results_table(results: list[dict]) -> str:
     """Markdown: one row per cell."""
-    head = "| alpha | R | val AR nll | val MD loss | causal nll | prefix nll | prefix gain |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    columns = ["val_ar_nll", "val_md_loss", "causal_nll", "prefix_nll", "prefix_gain"]
+    columns += [k for k in ("tasks_causal", "tasks_prefix") if any(k in r for r in results)]
+    lines = ["| alpha | R | " + " | ".join(COLUMN_NAMES[k] for k in columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for r in results:
-        cells = [r.get(k, math.nan) for k in ("val_ar_nll", "val_md_loss", "causal_nll", "prefix_nll", "prefix_gain")]
-        lines.append(f"| {r['alpha']:.3f} | {r['repetitions']} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+        values = " | ".join(f"{r.get(k, math.nan):.3f}" for k in columns)
+        lines.append(f"| {r['alpha']:.3f} | {r['repetitions']} | {values} |")
     return "\n".join(lines) + "\n"
 
 

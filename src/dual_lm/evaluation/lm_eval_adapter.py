@@ -1,21 +1,25 @@
 """The ``dual-lm`` model for lm-evaluation-harness (optional extra ``lm-eval``).
 
-``--model dual-lm --model_args pretrained=FOLDER,mode=causal|prefix|masked[,mask_n=1]``. Importing this
-module registers the model. ``loglikelihood`` scores with ``dual_lm.scoring`` (length-bucketed
-batches); ``loglikelihood_rolling`` uses lm-eval's disjoint rolling windows (exact in causal mode);
+``--model dual-lm --model_args pretrained=FOLDER,mode=causal|prefix|masked[,mask_n=1,dtype=float32,device=cpu]``.
+Importing this module registers the model; unknown model args are an error. ``loglikelihood`` scores
+with ``dual_lm.scoring`` (length-bucketed batches); ``loglikelihood_rolling`` uses lm-eval's disjoint
+rolling windows sized so that each fits the model's context whole (every token scored once);
 ``generate_until`` decodes greedily in left-padded batches (causal, prefix) or by masked diffusion
 (masked mode) and cuts the text at the first stop string.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import warnings
 
 import lm_eval.models  # noqa: F401 - lm-eval fills its own registry lazily only while it is empty
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from dual_lm.errors import UserError
 from dual_lm.evaluation.evaluate import load_folder
 from dual_lm.evaluation.runner import EvalSettings, fit_context, score_all
 
@@ -31,12 +35,31 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 
 
 def pick_device(device: str | None) -> str:
-    """``device``, or the CPU when it names CUDA and none is available (lm-eval's CLI defaults to cuda)."""
+    """``device``, or the CPU (with a warning) when it names CUDA and none is available: lm-eval's CLI passes
+    ``cuda:0`` when no ``--device`` is given, so an explicit request cannot be told from its default."""
     import torch
 
-    if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+    if not device:
+        return "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device {device!r}: CUDA is not available; the dual-lm model runs on the CPU", stacklevel=2)
         return "cpu"
     return str(device)
+
+
+MODEL_ARGS = ("pretrained", "mode", "mask_n", "batch_size", "max_batch_size", "device", "dtype", "max_gen_toks",
+              "diffusion_steps")  # fmt: skip
+
+
+def check_model_args(unknown: dict) -> None:
+    """One clear error for model args the adapter does not know, naming the closest valid one."""
+    if not unknown:
+        return
+    hints = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, MODEL_ARGS, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise UserError(f"unknown dual-lm model_args {', '.join(hints)}; valid: {', '.join(MODEL_ARGS)}")
 
 
 @register_model("dual-lm")
@@ -50,16 +73,19 @@ class DualLMEval(TemplateLM):
         mask_n: int = 1,
         batch_size: int | str = 16,
         device: str = "cpu",
+        dtype: str = "float32",
         max_gen_toks: int = 256,
         diffusion_steps: int | None = None,
-        **_ignored,
+        max_batch_size: int | None = None,  # lm-eval passes it; batches are fixed-size here
+        **unknown,
     ) -> None:
         super().__init__()
+        check_model_args(unknown)
         bs = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.settings = EvalSettings(mode, int(mask_n), bs, progress=True)
-        self.model, self.tokenizer = load_folder(pretrained, pick_device(device))
+        self.model, self.tokenizer = load_folder(pretrained, pick_device(device), dtype)
         self.max_gen_toks = int(max_gen_toks)
-        self.diffusion_steps = diffusion_steps
+        self.diffusion_steps = int(diffusion_steps) if diffusion_steps else None
 
     @property
     def eot_token_id(self) -> int:
@@ -94,11 +120,16 @@ class DualLMEval(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of whole texts from disjoint windows of the model's context, each after ``<s>``."""
+        """Log-likelihood of whole texts from lm-eval's disjoint rolling windows (the first after ``<s>``).
+
+        lm-eval sizes a window as ``1 + max_seq_len`` tokens because its backends never feed the last
+        token; ``dual_lm.scoring`` feeds every token, so ``max_seq_len`` is the context minus one: each
+        window fits whole and every token of the text is scored exactly once.
+        """
         windows, owners = [], []
         for n, (text,) in enumerate(req.args for req in requests):
             tokens = self.tok_encode(text, add_special_tokens=False)
-            rolling = lm_utils.get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1)
+            rolling = lm_utils.get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length - 1, 1)
             for context, target in map(lm_utils.make_disjoint_window, rolling):
                 windows.append((None, context, target))
                 owners.append(n)
@@ -109,10 +140,25 @@ class DualLMEval(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
+    def _new_tokens(self, requested: int) -> int:
+        """Tokens to generate: as asked, but at least 1 and at most ``max_length - 1`` (``<s>`` needs a place)."""
+        return max(1, min(int(requested), self.max_length - 1))
+
     def _fit_prompt(self, context: str, new_tokens: int) -> str:
-        ids = self.tok_encode(context)
+        """``context``, cut on token ids from the left until its encoding (with ``<s>``) leaves room for
+        ``new_tokens``; the check is on the re-encoded text, since decoding can merge or split tokens."""
         room = self.max_length - new_tokens
-        return context if len(ids) <= room else self.tok_decode(ids[-(room - 1) :])
+        ids = self.tokenizer(context)["input_ids"]
+        if len(ids) <= room:
+            return context
+        body = ids[1:] if ids and ids[0] == self.tokenizer.bos_token_id else ids
+        keep = room - 1  # <s> comes back when the prompt is encoded again
+        while keep > 0:
+            prompt = self.tok_decode(body[-keep:])
+            if len(self.tokenizer(prompt)["input_ids"]) <= room:
+                return prompt
+            keep -= 1
+        return ""
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations, batched per distinct set of generation arguments, cut at the stop strings."""
@@ -126,7 +172,7 @@ class DualLMEval(TemplateLM):
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.get("until") or []
             stops = [until] if isinstance(until, str) else list(until)
-            new_tokens = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            new_tokens = self._new_tokens(kwargs.get("max_gen_toks", self.max_gen_toks))
             prompts = [self._fit_prompt(requests[i].args[0], new_tokens) for i in indices]
             texts = self._generate(generate_batch, prompts, new_tokens)
             for i, text in zip(indices, texts, strict=True):

@@ -72,14 +72,35 @@ def run_label(results: dict) -> str:
     return f"{results['model']['name']} ({mode})"
 
 
+MISSING = "\u2014"  # an em dash: the run did not score this task
+
+
+def task_names(runs: Sequence[dict]) -> list[str]:
+    """The tasks present in any run, in the model card's column order."""
+    return [t for t in ALL_TASKS if any(t in r["tasks"] for r in runs)]
+
+
+def partial_average(run: dict, names: Sequence[str]) -> int | None:
+    """How many tasks the run's Avg is over, when that is not every one of ``names``; else None."""
+    own = set(run["tasks"])
+    return None if own == set(names) else len(own)
+
+
 def markdown_table(runs: Sequence[dict], metric: str = "normalized_acc") -> str:
-    """The model card's table: one row per run, one column per task present in any run, then Avg."""
-    names = [t for t in ALL_TASKS if any(t in r["tasks"] for r in runs)]
+    """The model card's table: one row per run, one column per task present in any run, then Avg.
+
+    A task a run did not score shows an em dash; an Avg over fewer (or other) tasks than the table's
+    columns says over how many, e.g. ``20.0 (2 tasks)``, since such averages are not comparable.
+    """
+    names = task_names(runs)
     header = ["Model", *(TASKS[t].column for t in names), "Avg"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r in runs:
-        cells = [f"{r['tasks'][t][metric]:.1f}" if t in r["tasks"] else "-" for t in names]
-        lines.append("| " + " | ".join([run_label(r), *cells, f"{r['average'][metric]:.1f}"]) + " |")
+        cells = [f"{r['tasks'][t][metric]:.1f}" if t in r["tasks"] else MISSING for t in names]
+        avg = f"{r['average'][metric]:.1f}"
+        n = partial_average(r, names)
+        avg += f" ({n} task{'s' if n != 1 else ''})" if n is not None else ""
+        lines.append("| " + " | ".join([run_label(r), *cells, avg]) + " |")
     return "\n".join(lines)
 
 
@@ -94,7 +115,36 @@ def read_results(path: str | Path) -> dict:
         raise UserError(f"{path} is not JSON: {err}") from None
     if not isinstance(results, dict) or results.get("format") != FORMAT:
         raise UserError(f'{path} is not a `dual-lm eval` results file (no "format": "{FORMAT}")')
+    problems = results_problems(results)
+    if problems:
+        raise UserError(f"{path} is an incomplete `dual-lm eval` results file: {'; '.join(problems)}")
     return results
+
+
+def results_problems(results: dict) -> list[str]:
+    """What a results record lacks for tables and charts: model name, mode, per-task and average metrics."""
+    problems = []
+    if not isinstance(results.get("model"), dict) or not isinstance(results["model"].get("name"), str):
+        problems.append('"model" must be an object with a "name"')
+    if not isinstance(results.get("mode"), str):
+        problems.append('"mode" must be a string')
+    tasks = results.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        problems.append('"tasks" must be a non-empty object of task name -> metrics')
+    else:
+        for name, record in tasks.items():
+            if name not in TASKS:
+                problems.append(f'unknown task {name!r} in "tasks" (known: {", ".join(ALL_TASKS)})')
+            elif not isinstance(record, dict) or not all(_is_number(record.get(m)) for m in METRICS):
+                problems.append(f'"tasks"["{name}"] needs the numbers {", ".join(METRICS)}')
+    average = results.get("average")
+    if not isinstance(average, dict) or not all(_is_number(average.get(m)) for m in METRICS):
+        problems.append(f'"average" must be an object with the numbers {", ".join(METRICS)}')
+    return problems
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_metric(metric: str) -> str:

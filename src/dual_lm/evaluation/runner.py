@@ -55,7 +55,11 @@ def encode_request(tokenizer, context: str, continuation: str) -> Request:
 
 
 def fit_context(request: Request, limit: int) -> Request:
-    """Drop the oldest tokens so the row fits ``limit`` positions (lm-eval truncates on the left too)."""
+    """Drop the oldest tokens so the row fits ``limit`` positions (lm-eval truncates on the left too).
+
+    Every token of the row is fed, so a continuation keeps all its tokens only when it has at most
+    ``limit - 1`` (one context token must precede it); longer ones lose their first tokens.
+    """
     context, continuation = request
     if len(context) + len(continuation) <= limit:
         return request
