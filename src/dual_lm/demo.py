@@ -89,25 +89,35 @@ def train(workdir: Path, data: Path):
     return cfg
 
 
-def show(folder: Path, run_dir: Path) -> None:
+def show(folder: Path, cfg) -> None:
     """Use the exported model in every mode."""
     from transformers import AutoTokenizer
 
     from dual_lm.folder import load_model
+    from dual_lm.generation import generate_text
+    from dual_lm.sweep import scoring_gap
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = load_model(folder)
     torch.manual_seed(0)
+    sampling = {"do_sample": True, "top_p": 0.9, "temperature": 0.8}
     with torch.no_grad():
         for prompt in PROMPTS:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-            n = ids.shape[1]
-            for label, extra in (("causal", {}), ("prefix", {"prefix_lengths": torch.tensor([n])})):
-                out = model.generate(ids, max_new_tokens=40, do_sample=True, top_p=0.9, temperature=0.8, **extra)
-                text = tokenizer.decode(out[0, n:], skip_special_tokens=True)
-                print(f"   [{label:>6}] {prompt!r} ->{text!r}")
+            for mode in ("causal", "prefix"):
+                print(f"   [{mode:>6}] {prompt!r} ->{generate_text(model, tokenizer, prompt, mode, 40, **sampling)!r}")
+        prompt = PROMPTS[0]
+        text = generate_text(model, tokenizer, prompt, "diffusion", 24, steps=12, temperature=0.7)
+        print(f"   [diffusion, 24 tokens in 12 passes] {prompt!r} ->{text!r}")
+        text, rate = generate_text(model, tokenizer, prompt, "speculative", 40, k=4)
+        print(f"   [speculative, greedy = causal greedy] {prompt!r} ->{text!r} ({rate:.0%} of drafts accepted)")
         for sentence in FILLS:
             _fill(model, tokenizer, sentence)
+    gap = scoring_gap(folder, cfg.data.path, 64, cfg.data.seq_len)
+    print(
+        f"   held-out continuations: {gap['causal_nll']:.3f} nats/token scored causally, "
+        f"{gap['prefix_nll']:.3f} with prefix attention over the context ({gap['windows']} windows)"
+    )
+    run_dir = Path(cfg.output)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "val_ar_nll" in r][-1]
     ar, md = last["val_ar_nll"], last["val_md_loss"]
@@ -146,7 +156,7 @@ def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo"))
     folder = export_checkpoint(cfg.output, workdir / branch_name(cfg.objective.alpha, cfg.data.repetitions))
     print(f"   model folder {folder} (dual-lm info {folder})")
     print("4. the model in every mode")
-    show(folder, Path(cfg.output))
+    show(folder, cfg)
     from dual_lm.plot import plot_run
 
     print(f"   loss curves: {plot_run(cfg.output)}")
