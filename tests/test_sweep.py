@@ -134,3 +134,19 @@ def test_a_changed_config_or_clashing_alphas_are_refused(data_dir, tmp_path, cap
     args[args.index("--alphas") + 1] = "1"
     assert main([*args, "--tasks", "arc_easy,bogus"]) == 2
     assert "unknown task(s) bogus" in capsys.readouterr().err
+
+
+def test_a_cell_as_a_torchrun_job_equals_the_in_process_cell(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    results = []
+    for nproc in ("1", "2"):
+        args = [a.replace("micro_batch_rows=4", "micro_batch_rows=2") for a in sweep_args(data_dir, tmp_path / nproc)]
+        args[args.index("--alphas") + 1], args[args.index("--repetitions") + 1] = (
+            "1",
+            "1",
+        )  # AR rows only: their draw does not depend on the rank split
+        assert main([*args, "--nproc", nproc]) == 0
+        results.append(json.loads((tmp_path / nproc / "grid" / "alpha_1.000_n-reps=1" / "result.json").read_text()))
+    assert (tmp_path / "2" / "grid" / "alpha_1.000_n-reps=1" / "train.yaml").is_file()  # really went through torchrun
+    assert results[1]["val_ar_nll"] == pytest.approx(results[0]["val_ar_nll"], abs=1e-4)
+    assert results[1]["prefix_nll"] == pytest.approx(results[0]["prefix_nll"], abs=1e-4)
