@@ -231,6 +231,11 @@ def test_cli_generate_streams_one_prompt_and_batches_a_file(tokenizer_51200, tmp
     assert [r["prompt"] for r in rows] == ["Hello there", "Once upon a time", "The king"]
     assert main(["generate", folder, "--prompt", "Hello there", "--max-new-tokens", "5", "--mode", "prefix"]) == 0
     assert capsys.readouterr().out == "Hello there" + rows[0]["text"] + "\n"
+    sampled = ["generate", folder, "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "5"]
+    assert main(sampled) == 0
+    capsys.readouterr()
+    assert main([*sampled[:-1], "-1"]) == 2
+    assert "--top-k >= 0" in capsys.readouterr().err
     assert main(["generate", folder]) == 2
     assert "exactly one of --prompt TEXT or --prompts FILE" in capsys.readouterr().err
     assert main(["generate", folder, "--prompts", str(tmp_path / "none.txt")]) == 2

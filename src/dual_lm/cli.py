@@ -147,8 +147,11 @@ def _generation_options(args) -> dict:
     import torch
 
     torch.manual_seed(args.seed)
-    sampling = args.temperature > 0
-    return {"do_sample": sampling, **({"temperature": args.temperature, "top_p": args.top_p} if sampling else {})}
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k or None}
 
 
 def _generate(args) -> int:
@@ -361,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default="cached", choices=["cached", "full"], help="speculative: the draft pass")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-p", type=float, default=0.95, help="causal/prefix sampling: nucleus mass")
+    p.add_argument("--top-k", type=int, default=0, help="causal/prefix sampling: keep the k likeliest (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=32, help="diffusion: model passes")
     p.add_argument("--strategy", default="confidence", choices=["confidence", "random"])
