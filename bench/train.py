@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-import dual_lm.train
 from dual_lm.config import llama_config, load_train_config, parameter_counts
 from dual_lm.corpus import expand_sources, iter_documents
 from dual_lm.data import PackedLoader, TokenShards
@@ -92,22 +91,6 @@ def build_data(args, tmp: Path) -> tuple[Path, str]:
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         note += f" (model vocabulary padded to {args.vocab})"
     return out, note or f"tokenizer {args.tokenizer}"
-
-
-def build_models_on(device: torch.device) -> None:
-    """Make ``Trainer`` create its model directly on ``device`` instead of on the CPU and then moving it.
-
-    Only the start-up changes: the 470m preset takes about 23 s per model to initialise on a
-    2-core CPU (``trunc_normal_`` by rejection sampling), milliseconds on a GPU. The weights differ
-    from a CPU-initialised model's, which does not matter for step timing.
-    """
-    original = dual_lm.train.DLMLlamaForCausalLM
-
-    def on_device(config):
-        with torch.device(device):
-            return original(config)
-
-    dual_lm.train.DLMLlamaForCausalLM = on_device
 
 
 class PeakProbe:
@@ -242,12 +225,6 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra Trainer override key=value")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--init-on-device",
-        type=int,
-        choices=[0, 1],
-        help="1: Trainer builds its model on the device (default on CUDA; see build_models_on), 0: as the Trainer does",
-    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--matmul-size", type=int, help="peak probe size (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--peak-flops", type=float, help="nominal peak FLOP/s for a second MFU (H100 bf16: 989e12)")
@@ -281,9 +258,6 @@ def main() -> None:
             *args.set,
         ]
         info = DistInfo(device=device)
-        on_device = args.init_on_device if args.init_on_device is not None else device.type == "cuda"
-        if on_device:
-            build_models_on(device)
         build_seconds: dict[str, float] = {}
         trainers: dict[str, Trainer] = {}
 
@@ -320,7 +294,7 @@ def main() -> None:
         if "peer" in wanted:
             torch.manual_seed(0)
             start = time.perf_counter()
-            with torch.device(device) if on_device else nullcontext():
+            with torch.device(device):  # as the Trainer builds ours
                 peer = LlamaForCausalLM(llama_config(shape)).to(device).train()
             build_seconds["peer"] = time.perf_counter() - start
             peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-3)
@@ -356,7 +330,7 @@ def main() -> None:
         memory.peak()
         del probe
 
-    setup = {"data": f"{data_note}, {data_seconds:.1f} s", "builds": build_seconds, "on_device": on_device}
+    setup = {"data": f"{data_note}, {data_seconds:.1f} s", "builds": build_seconds}
     report(args, contenders, memory, peak, size, shape, global_tokens, setup)
 
 
@@ -380,8 +354,7 @@ def report(args, contenders, memory, peak, size, shape, global_tokens, setup: di
         f"timed {args.steps} steps in {args.rounds} interleaved rounds"
     )
     builds = ", ".join(f"{name} {seconds:.1f}" for name, seconds in setup["builds"].items())
-    where_built = "on the device" if setup["on_device"] else "on the CPU, then moved"
-    print(f"setup: {setup['data']}; model builds ({where_built}) s: {builds}")
+    print(f"setup: {setup['data']}; model builds (on the device) s: {builds}")
     print(
         f"measured peak: {args.dtype} torch.matmul {size}^3, best of {3 * (args.rounds + 1)} "
         f"(3 before the rounds, 3 after each): {peak / 1e9:,.1f} GFLOP/s"

@@ -17,39 +17,28 @@ from dual_lm.evaluation.metrics import ItemResult
 from dual_lm.evaluation.runner import EvalSettings, encode_request, run_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
-ARC_YAML = """task: mini_arc
+TASK_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {path}
 output_type: multiple_choice
 test_split: test
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
+{prompt}
 metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-BLIMP_YAML = """task: mini_blimp
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: multiple_choice
-test_split: test
-doc_to_text: ""
-doc_to_target: 0
-doc_to_choice: "{{{{[sentence_good, sentence_bad]}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+{metrics}"""
+ARC_PROMPT = (
+    'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+    'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
+    'doc_to_choice: "{{choices.text}}"'
+)
+BLIMP_PROMPT = 'doc_to_text: ""\ndoc_to_target: 0\ndoc_to_choice: "{{[sentence_good, sentence_bad]}}"'
+
+
+def task_yaml(name: str, path: Path, prompt: str, metrics: tuple[str, ...]) -> str:
+    """A local lm-eval multiple-choice task over a jsonl file."""
+    listed = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics)
+    return TASK_YAML.format(name=name, path=path, prompt=prompt, metrics=listed)
 
 
 def rows(name: str) -> list[dict]:
@@ -100,8 +89,10 @@ def loaded(folder):
 def task_dir(tmp_path_factory) -> Path:
     """Local lm-eval task YAMLs (ARC's and BLiMP's zero-shot formats) over the fixture jsonl files."""
     root = tmp_path_factory.mktemp("lm_eval_tasks")
-    (root / "mini_arc.yaml").write_text(ARC_YAML.format(path=FIXTURES / "arc_mini.jsonl"))
-    (root / "mini_blimp.yaml").write_text(BLIMP_YAML.format(path=FIXTURES / "blimp_mini.jsonl"))
+    arc = task_yaml("mini_arc", FIXTURES / "arc_mini.jsonl", ARC_PROMPT, ("acc", "acc_norm"))
+    (root / "mini_arc.yaml").write_text(arc)
+    blimp = task_yaml("mini_blimp", FIXTURES / "blimp_mini.jsonl", BLIMP_PROMPT, ("acc",))
+    (root / "mini_blimp.yaml").write_text(blimp)
     return root
 
 

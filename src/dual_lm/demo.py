@@ -12,7 +12,6 @@ interrupted one continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -95,7 +94,7 @@ def show(folder: Path, cfg) -> None:
 
     from dual_lm.folder import load_model
     from dual_lm.generation import generate_text
-    from dual_lm.sweep import scoring_gap
+    from dual_lm.sweep import final_metrics, scoring_gap
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = load_model(folder)
@@ -112,14 +111,12 @@ def show(folder: Path, cfg) -> None:
         print(f"   [speculative, greedy = causal greedy] {prompt!r} ->{text!r} ({rate:.0%} of drafts accepted)")
         for sentence in FILLS:
             _fill(model, tokenizer, sentence)
-    gap = scoring_gap(folder, cfg.data.path, 64, cfg.data.seq_len)
+    gap = scoring_gap(model, cfg.data.path, 64, cfg.data.seq_len)
     print(
         f"   held-out continuations: {gap['causal_nll']:.3f} nats/token scored causally, "
         f"{gap['prefix_nll']:.3f} with prefix attention over the context ({gap['windows']} windows)"
     )
-    run_dir = Path(cfg.output)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if "val_ar_nll" in r][-1]
+    last = final_metrics(Path(cfg.output))[0]
     ar, md = last["val_ar_nll"], last["val_md_loss"]
     print(f"   validation perplexity (causal): {math.exp(ar):.1f}  (AR {ar:.3f} nats/token, MD loss {md:.3f})")
 

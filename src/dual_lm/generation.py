@@ -11,7 +11,6 @@ from transformers.generation.streamers import BaseStreamer
 
 from dual_lm.config import BOS_ID, MASK_ID, PAD_ID
 from dual_lm.diffusion import DiffusionConfig, diffusion_generate
-from dual_lm.speculative import check_options as check_speculative
 from dual_lm.speculative import speculative_generate
 
 MODES = ("causal", "prefix", "diffusion", "speculative")
@@ -54,12 +53,13 @@ def fill_masks(model, tokenizer, text: str, top_k: int = 5) -> list[FillResult]:
     return out
 
 
-def continuation_text(tokenizer, prompt_ids, new_ids) -> str:
+def continuation_text(tokenizer, prompt_ids, new_ids, decoded_prompt: str | None = None) -> str:
     """The text the new tokens add after the prompt, spaces included: decoded together with the prompt
-    and cut after it (the decoder strips one leading space, so decoding the new tokens alone loses it)."""
+    and cut after it (the decoder strips one leading space, so decoding the new tokens alone loses it).
+    ``decoded_prompt`` is the prompt's own decoding, when the caller already has it."""
     prompt_ids, new_ids = list(prompt_ids), list(new_ids)
     whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
-    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True) if decoded_prompt is None else decoded_prompt
     return whole[len(prompt) :] if whole.startswith(prompt) else tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
@@ -74,6 +74,7 @@ class TextPrinter(BaseStreamer):
     def __init__(self, tokenizer, write: Callable[[str], object] = print, prompt_text: str | None = None):
         self.tokenizer, self.write, self.prompt_text = tokenizer, write, prompt_text
         self.prompt: list[int] | None = None
+        self.decoded_prompt = ""  # decoded once, not at every token
         self.new: list[int] = []
         self.shown = 0
 
@@ -81,17 +82,18 @@ class TextPrinter(BaseStreamer):
         ids = value.reshape(-1).tolist()
         if self.prompt is None:
             self.prompt = ids
+            self.decoded_prompt = self.tokenizer.decode(ids, skip_special_tokens=True)
             if self.prompt_text is not None:
                 self.write(self.prompt_text)
             return
         self.new += ids
-        text = continuation_text(self.tokenizer, self.prompt, self.new)
+        text = continuation_text(self.tokenizer, self.prompt, self.new, self.decoded_prompt)
         if not text.endswith("\ufffd") and len(text) > self.shown:
             self.write(text[self.shown :])
             self.shown = len(text)
 
     def end(self) -> None:
-        text = continuation_text(self.tokenizer, self.prompt or [], self.new)
+        text = continuation_text(self.tokenizer, self.prompt or [], self.new, self.decoded_prompt)
         self.write(text[self.shown :] + "\n")
         self.shown = len(text)
 
@@ -120,15 +122,7 @@ def generate_text(
         new, _ = diffusion_generate(model, ids[0], max_new_tokens, DiffusionConfig(**options))
         return continuation_text(tokenizer, ids[0].tolist(), new)
     if mode == "speculative":
-        if streamer is not None:  # check the options before the streamer writes the prompt
-            limit, opts = model.config.max_position_embeddings, {"k": 4, "temperature": 0.0, "draft": "cached"}
-            opts |= {key: options[key] for key in opts if key in options}
-            check_speculative(ids.shape[1], max_new_tokens, limit, **opts)
-            streamer.put(ids[0])
-            options["on_tokens"] = lambda new: streamer.put(torch.tensor(new))
-        result = speculative_generate(model, ids[0], max_new_tokens, **options)
-        if streamer is not None:
-            streamer.end()
+        result = speculative_generate(model, ids[0], max_new_tokens, streamer=streamer, **options)
         return continuation_text(tokenizer, ids[0].tolist(), result.tokens), result.acceptance_rate
     out = model.generate(
         ids, max_new_tokens=max_new_tokens, prefix_attention=mode == "prefix", streamer=streamer, **options

@@ -16,13 +16,13 @@ sampled output has the causal distribution.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from dual_lm.config import EOS_ID, MASK_ID
+from dual_lm.diffusion import cut_at_eos
 
 DRAFTS = ("cached", "full")
 
@@ -91,12 +91,11 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, genera
     return [*new, int(torch.multinomial(p[k].cpu(), 1, generator=generator))]
 
 
-def _report(on_tokens, new: list[int], before: int, max_new_tokens: int, stop_at_eos: bool) -> None:
+def _stream(streamer, new: list[int], before: int, max_new_tokens: int, stop_at_eos: bool) -> None:
     shown = new[: max(0, max_new_tokens - before)]
-    if stop_at_eos and EOS_ID in shown:
-        shown = shown[: shown.index(EOS_ID)]
+    shown = cut_at_eos(shown) if stop_at_eos else shown
     if shown:
-        on_tokens(shown)
+        streamer.put(torch.tensor(shown))
 
 
 @torch.no_grad()
@@ -108,12 +107,16 @@ def speculative_generate(
     temperature: float = 0.0,
     seed: int = 0,
     stop_at_eos: bool = True,
-    on_tokens: Callable[[list[int]], object] | None = None,
+    streamer=None,
     draft: str = "cached",
 ) -> SpeculativeResult:
-    """Generate up to ``max_new_tokens`` after ``prompt_ids`` [P] drafting ``k`` tokens per round;
-    ``on_tokens`` receives each round's new tokens (for streaming), cut at the limit and at ``</s>``."""
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` [P] drafting ``k`` tokens per round.
+
+    A transformers ``streamer`` gets the prompt once the options are checked, then each round's new
+    tokens (cut at the limit and at ``</s>``), then ``end()``, as ``model.generate`` drives it."""
     check_options(prompt_ids.numel(), max_new_tokens, model.config.max_position_embeddings, k, temperature, draft)
+    if streamer is not None:
+        streamer.put(prompt_ids)
     generator = torch.Generator().manual_seed(seed)
     seq = prompt_ids.to(model.device).clone()
     start, drafted, accepted = seq.numel(), 0, 0
@@ -132,11 +135,12 @@ def speculative_generate(
         rejected = cache.get_seq_length() - (seq.numel() - 1)
         if rejected > 0:
             cache.crop(-rejected)  # drop the rejected drafts' keys and values
-        if on_tokens is not None:
-            _report(on_tokens, new, seq.numel() - len(new) - start, max_new_tokens, stop_at_eos)
+        if streamer is not None:
+            _stream(streamer, new, seq.numel() - len(new) - start, max_new_tokens, stop_at_eos)
         if stop_at_eos and EOS_ID in new:
             break
+    if streamer is not None:
+        streamer.end()
     out = seq[start : start + max_new_tokens].tolist()
-    if stop_at_eos and EOS_ID in out:
-        out = out[: out.index(EOS_ID)]
+    out = cut_at_eos(out) if stop_at_eos else out
     return SpeculativeResult(out, drafted, accepted)

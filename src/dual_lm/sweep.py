@@ -134,16 +134,14 @@ def validation_windows(data_path: str, windows: int, context: int = 64, continua
     return pairs
 
 
-def scoring_gap(model_dir: Path, data_path: str, windows: int, seq_len: int) -> dict:
+def scoring_gap(model, data_path: str, windows: int, seq_len: int) -> dict:
     """Mean nats/token of held-out continuations (seq_len/4 tokens after seq_len/2 of context) scored
     causally and with prefix attention."""
-    from dual_lm.folder import load_model
     from dual_lm.scoring import score_requests
 
     pairs = validation_windows(data_path, windows, seq_len // 2, seq_len // 4)
     if not pairs:
         return {}
-    model = load_model(model_dir)
     tokens = sum(len(w) for _, w in pairs)
     out = {}
     for mode in ("causal", "prefix"):
@@ -194,7 +192,10 @@ def run_cell(base: TrainConfig, alpha: float, repetitions: int, spec: SweepSpec)
     final, curve = final_metrics(Path(cfg.output))
     result = {"alpha": alpha, "repetitions": repetitions, "name": cell_dir.name, "steps": cfg.train.steps}
     result |= {k: final[k] for k in VAL_KEYS if k in final} | {"tokens": final.get("tokens")}
-    result |= scoring_gap(model_dir, cfg.data.path, spec.windows, cfg.data.seq_len) | task_scores(model_dir, spec)
+    from dual_lm.folder import load_model
+
+    gap = scoring_gap(load_model(model_dir), cfg.data.path, spec.windows, cfg.data.seq_len)
+    result |= gap | task_scores(model_dir, spec)
     result["curve"], result["config"] = curve, cfg.to_dict()
     write_json_atomic(done, result)
     return result

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dual_lm import __version__
-from dual_lm.atomic import write_json_atomic
+from dual_lm.atomic import write_json_atomic, write_text_atomic
 from dual_lm.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from dual_lm.config import TrainConfig, llama_config
 from dual_lm.data import PackedLoader, TokenShards
@@ -353,9 +353,7 @@ class MetricsLog:
         kept = []
         if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -10,7 +10,6 @@ rolling windows sized so that each fits the model's context whole (every token s
 
 from __future__ import annotations
 
-import difflib
 import json
 import warnings
 
@@ -19,6 +18,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from dual_lm.config import closest
 from dual_lm.errors import UserError
 from dual_lm.evaluation.evaluate import load_folder
 from dual_lm.evaluation.runner import EvalSettings, fit_context, score_all
@@ -55,10 +55,7 @@ def check_model_args(unknown: dict) -> None:
     """One clear error for model args the adapter does not know, naming the closest valid one."""
     if not unknown:
         return
-    hints = []
-    for key in sorted(unknown):
-        close = difflib.get_close_matches(key, MODEL_ARGS, n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    hints = [f"{key!r}{closest(key, MODEL_ARGS)}" for key in sorted(unknown)]
     raise UserError(f"unknown dual-lm model_args {', '.join(hints)}; valid: {', '.join(MODEL_ARGS)}")
 
 
