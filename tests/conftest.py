@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+torch.set_num_threads(1)  # the suite runs on 2 cores: more threads only oversubscribe them
+
 from dual_lm.config import PRESETS, llama_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

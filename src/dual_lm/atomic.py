@@ -1,4 +1,4 @@
-"""Durable writes: fsync helpers and JSON written through a temporary file and a rename."""
+"""Durable writes: fsync helpers and files written through a temporary file and a rename."""
 
 from __future__ import annotations
 
@@ -22,17 +22,32 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file, fsync it, rename it over ``path`` and fsync the folder: a
-    reader (or a kill) sees the old file or the new one, never half of one."""
+def temporary_sibling(path: Path, suffix: str = "") -> Path:
+    """``.NAME.tmp-PID`` next to ``path``: hidden, and distinct for each process writing it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync it, rename it over ``path`` and fsync the folder: a reader
+    (or a kill) sees the old file or the new one, never half of one. On an error (a full disk) the
+    temporary file is removed and ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``write_bytes_atomic`` of UTF-8 text."""
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -8,6 +8,47 @@ import sys
 from pathlib import Path
 
 from dual_lm.errors import UserError
+from dual_lm.ownership import environment_error
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error line: ``dual-lm CMD: error: ...`` alone, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def integer(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], refused where it is parsed (never a silent default)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def real(low: float, high: float = math.inf, *, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``); nan and inf
+    are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            bound = f"{'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bound}, got {text}")
+        return value
+
+    return parse
 
 
 def _convert(args) -> int:
@@ -298,8 +339,8 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dual-lm", description="Dual-objective (AR + masked diffusion) LLaMA models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="dual-lm", description="Dual-objective (AR + masked diffusion) LLaMA models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("convert-reference", help="reference-trainer checkpoint -> model folder")
     p.add_argument("--config", required=True, help="the reference trainer's config.json")
@@ -437,11 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one place user errors become ``dual-lm CMD: error: ...`` and exit 2. A full disk or a
+    permission error is the machine's fault and gets the same line; any other exception is a bug
+    and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
         print(f"dual-lm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        message = environment_error(err)
+        if message is None:
+            raise
+        print(f"dual-lm {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dual-lm {args.command}: interrupted", file=sys.stderr)
