@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference files in ../shared (skipped with a reason when absent) and tiny models."""
+"""Shared fixtures: the reference files (copied into tests/fixtures/reference, see its README) and tiny models."""
 
 from __future__ import annotations
 
@@ -9,19 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)  # the suite runs on 2 cores: more threads only oversubscribe them
-
 from dual_lm.config import PRESETS, llama_config
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "reference"
+torch.set_num_threads(1)  # the suite runs on 2 cores: more threads only oversubscribe them
+
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"  # in the repository: a clone skips nothing
 PARITY = REFERENCE / "parity-tiny"
 TOKENIZER_51200 = REFERENCE / "tokenizer-51200.json"
 
 
 def require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} is absent (the reference files live in ../shared next to the repository)")
+        pytest.skip(f"{path} is absent (the reference files live in tests/fixtures/reference)")
     return path
 
 

@@ -52,15 +52,23 @@ def convert_args(tmp_path, config, state):
 
 
 def test_convert_with_tokenizer_and_info(parity_dir, tokenizer_51200, tmp_path):
-    # the fixture's vocabulary is 512, so the 51,200 tokenizer only proves the folder carries one
+    # the 51,200 tokenizer needs a 51,200 vocabulary: the fixture's config with only that changed
+    # (and a state dict to match) proves the folder carries the tokenizer
+    config = json.loads((parity_dir / "config.json").read_text()) | {"vocab_size": 51200}
+    state = torch.load(parity_dir / "state_dict.bin", weights_only=True)
+    state["embedding.word_embedding.weight"] = torch.randn(51200, 64)
+    state["classifier.emb2vocab.weight"] = torch.randn(51200, 64)
+    state["classifier.emb2vocab.bias"] = torch.zeros(51200)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save(state, tmp_path / "state_dict.bin")
     out = tmp_path / "with-tok"
     rc = main(
         [
             "convert-reference",
             "--config",
-            str(parity_dir / "config.json"),
+            str(tmp_path / "config.json"),
             "--state-dict",
-            str(parity_dir / "state_dict.bin"),
+            str(tmp_path / "state_dict.bin"),
             "--tokenizer",
             str(tokenizer_51200),
             str(out),
@@ -110,7 +118,7 @@ def test_module_prefix_from_ddp_is_accepted(broken):
 
 def test_existing_output_is_not_overwritten(converted):
     proc = run_cli("convert-reference", "--config", "x.json", "--state-dict", "y.bin", converted)
-    assert_clear_error(proc, "not empty")
+    assert_clear_error(proc, "exists and is a model folder")
 
 
 def test_missing_inputs(tmp_path):

@@ -57,34 +57,32 @@ def all_rows(loader, batches):
 
 
 def test_packing_boundaries_and_document_ids(prepared):
+    """Each document is shifted on its own (DESIGN.md section 3): <s> is never a target, no pair crosses a
+    document, and a new document id starts exactly at each <s> input."""
     out, _ = prepared
     shards = TokenShards(out)
     loader = PackedLoader(shards, seq_len=32, rows_per_rank=4, seed=3)
     for batch in all_rows(loader, 20):
         inputs, targets, docs = batch.inputs, batch.targets, batch.document_ids
         assert inputs.shape == targets.shape == docs.shape == (4, 32)
-        assert torch.equal(inputs[:, 1:], targets[:, :-1])
-        # a new document id starts exactly at each <s>, and only there
+        assert not torch.any(targets == 1)
         starts = docs[:, 1:] != docs[:, :-1]
         assert torch.equal(starts, inputs[:, 1:] == 1)
-        # no target crosses a document: the target of j is in j's document unless it is the next <s>
-        crosses = torch.cat([starts, torch.zeros(4, 1, dtype=torch.bool)], 1)  # target j opens a new document
-        assert torch.all(targets[crosses] == 1)
-        assert torch.all(docs[:, 0] == 0) and torch.all((docs[:, 1:] - docs[:, :-1]) >= 0)
+        # inside a document the pairs chain (input j+1 = target j); across a boundary the next input is <s>
+        assert torch.equal(inputs[:, 1:][~starts], targets[:, :-1][~starts])
+        assert torch.all(docs[:, 0] <= 1) and torch.all((docs[:, 1:] - docs[:, :-1]) >= 0)
 
 
 def test_every_document_starts_with_bos_and_epoch_tail_is_dropped(prepared):
     out, _ = prepared
     shards = TokenShards(out)
     loader = PackedLoader(shards, seq_len=16, rows_per_rank=1, seed=0)
-    total = shards.num_tokens + shards.num_documents  # one <s> per document
-    assert loader.rows_per_epoch == total // 17
+    assert loader.rows_per_epoch == shards.num_tokens // 16  # one (input, target) pair per token
     stream = [loader.next_batch() for _ in range(loader.rows_per_epoch)]
-    tokens = torch.cat([torch.cat([b.inputs[0, :1], b.targets[0]]) for b in stream])
-    assert int((tokens == 1).sum()) in (shards.num_documents, shards.num_documents - 1)
-    assert loader.state.epoch == 0
-    loader.next_batch()  # the partial tail is dropped: the next row starts epoch 1 at a document start
-    assert loader.state.epoch == 1
+    starts = int(sum((b.inputs == 1).sum() for b in stream))
+    assert starts in (shards.num_documents, shards.num_documents - 1)  # the last one may lie in the tail
+    assert (loader.state.epoch, loader.state.position) == (1, 0)  # the partial tail is dropped
+    assert all(b.epoch == 0 for b in stream) and loader.next_batch().epoch == 1
 
 
 def test_repetitions_keep_the_first_fraction_and_repack_each_epoch(prepared):
@@ -100,7 +98,7 @@ def test_repetitions_keep_the_first_fraction_and_repack_each_epoch(prepared):
         epochs.setdefault(batch.epoch, []).append(batch.inputs[0])
     assert sorted(epochs) == [0, 1, 2, 3]  # R passes over the kept quarter fill the budget of one pass
     full = PackedLoader(shards, seq_len=16, rows_per_rank=1, repetitions=1)
-    assert abs(4 * loader.rows_per_epoch - full.rows_per_epoch) <= 4 + loader.num_docs
+    assert abs(4 * loader.rows_per_epoch - full.rows_per_epoch) <= 4  # rows count pairs = tokens, order-free
     kept = set()
     for doc in range(loader.num_docs):
         kept.update(shards.document(doc).tolist())
@@ -245,3 +243,57 @@ def test_rerun_with_other_validation_does_not_reuse_moved_shards(tmp_path, token
     prepare_data(PrepareRequest(str(tokenizer_51200), (str(corpus),), str(fresh), 400, 3))
     for name in ("train-00000.tokens", "train-00001.docs.npy", "valid.tokens"):
         assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+
+
+def test_documents_are_stripped_before_tokenising(tmp_path, tokenizer_51200):
+    """As the reference trainer: surrounding whitespace goes, so no document ends in a whitespace token."""
+    from tokenizers import Tokenizer
+
+    docs = ["  the king loves him \n\n", "a fool sees us   ", "\n\tmy lord fears the crown\t", "plain words"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", [*docs[:2], " \n\t ", *docs[2:]])
+    manifest = prepare_data(PrepareRequest(str(tokenizer_51200), (str(corpus),), str(tmp_path / "o"), 0, 1))
+    assert manifest["format"] == 2 and manifest["skipped"]["empty"] == 1
+    tok = Tokenizer.from_file(str(tokenizer_51200))
+    shards = TokenShards(tmp_path / "o")
+    assert shards.num_documents == 4
+    for i, doc in enumerate(docs):
+        ids = shards.document(i).tolist()
+        assert ids == tok.encode(doc.strip(), add_special_tokens=False).ids
+        assert ids != tok.encode(doc, add_special_tokens=False).ids or doc == doc.strip()
+        assert tok.decode([ids[-1]]).strip() and tok.decode([ids[0]]).strip()
+
+
+def test_stripping_skips_and_counts_documents_left_empty():
+    from dual_lm.corpus import ReadStats
+    from dual_lm.prepare import stripped
+
+    stats = ReadStats(documents=3)
+    assert list(stripped(iter([" a ", " \n ", "b\n"]), stats)) == ["a", "b"]
+    assert (stats.documents, stats.empty) == (2, 1)
+
+
+def test_a_folder_prepared_before_stripping_is_refused(prepared, tmp_path):
+    import shutil
+
+    from hostile import refuses
+
+    out, _ = prepared
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    from dual_lm.errors import UserError
+
+    with pytest.raises(UserError, match=r"has data format 1, .* re-run `dual-lm prepare-data`"):
+        TokenShards(old)
+    argv = [
+        "train",
+        "data.path=" + str(old),
+        "output=" + str(tmp_path / "run"),
+        "data.seq_len=16",
+        "train.micro_batch_rows=2",
+        "train.global_batch_tokens=32",
+        "train.steps=1",
+    ]
+    refuses(argv, "train", r"has data format 1, this dual-lm trains on format 2 .*re-run `dual-lm prepare-data`", old)
+    assert not (tmp_path / "run").exists()

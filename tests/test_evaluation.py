@@ -430,7 +430,7 @@ def test_bad_input(folder, tmp_path, monkeypatch, capsys):
     assert main(["eval", str(folder), "--tasks", "arc_easy,winogrande"]) == 2
     assert "unknown task(s) winogrande" in capsys.readouterr().err
     assert main(["eval", str(folder), "--tasks", "arc_easy", "--limit", "0"]) == 2
-    assert "--limit must be >= 1" in capsys.readouterr().err
+    assert "argument --limit: must be >= 1, got 0" in capsys.readouterr().err
     assert main(["eval", str(folder), "--tasks", "blimp", "--blimp-path", str(tmp_path / "none")]) == 2
     assert "hf download nyu-mll/blimp" in capsys.readouterr().err
     monkeypatch.setattr(data, "blimp_search_roots", lambda: [tmp_path / "empty-cache"])

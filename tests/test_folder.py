@@ -69,11 +69,16 @@ def test_auto_classes_load_in_fresh_process_without_dual_lm(folder, auto):
         assert result["sum"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_save_folder_replaces_atomically(tiny_config, tmp_path):
+def test_save_folder_replaces_atomically_only_when_allowed(tiny_config, tmp_path):
+    from dual_lm.errors import UserError
+
     out = tmp_path / "m"
     save_folder(DLMLlamaForCausalLM(tiny_config), out)
     first = (out / "model.safetensors").read_bytes()
-    save_folder(DLMLlamaForCausalLM(tiny_config), out)
+    with pytest.raises(UserError, match="refusing to replace"):
+        save_folder(DLMLlamaForCausalLM(tiny_config), out)
+    assert (out / "model.safetensors").read_bytes() == first
+    save_folder(DLMLlamaForCausalLM(tiny_config), out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging or old copies left
 
@@ -85,7 +90,7 @@ def test_save_folder_failure_keeps_previous(tiny_config, tmp_path):
     from dual_lm.errors import UserError
 
     with pytest.raises(UserError, match="does not exist"):
-        save_folder(DLMLlamaForCausalLM(tiny_config), out, tokenizer_path=tmp_path / "missing.json")
+        save_folder(DLMLlamaForCausalLM(tiny_config), out, tokenizer_path=tmp_path / "missing.json", overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 

@@ -235,7 +235,7 @@ def test_cli_generate_streams_one_prompt_and_batches_a_file(tokenizer_51200, tmp
     assert main(sampled) == 0
     capsys.readouterr()
     assert main([*sampled[:-1], "-1"]) == 2
-    assert "--top-k >= 0" in capsys.readouterr().err
+    assert "argument --top-k: must be >= 0, got -1" in capsys.readouterr().err
     assert main(["generate", folder]) == 2
     assert "exactly one of --prompt TEXT or --prompts FILE" in capsys.readouterr().err
     assert main(["generate", folder, "--prompts", str(tmp_path / "none.txt")]) == 2

@@ -272,6 +272,32 @@ def test_wsd_warmup_sqrt_cosine():
     assert wsd_lr_factor(9, 10, decay_frac=0.0) == 1.0
 
 
+def trapezoid(step, total, warmup_frac, decay_frac):
+    """The reference trainer's schedule as its rule reads: W = int(w T), D = int(d T), then step / max(1, W) in
+    warmup, (T - step) / max(1, D) from T - D on, else 1."""
+    warmup, decay = int(total * warmup_frac), int(total * decay_frac)
+    if step < warmup:
+        return step / max(1, warmup)
+    if step >= total - decay:
+        return (total - step) / max(1, decay)
+    return 1.0
+
+
+@pytest.mark.parametrize(("total", "warmup_frac", "decay_frac"), [(176, 0.02, 0.3), (100, 0.29, 0.29), (14, 0.0, 0.25)])
+def test_wsd_truncates_its_step_counts_as_the_reference(total, warmup_frac, decay_frac):
+    got = [wsd_lr_factor(s, total, warmup_frac, decay_frac) for s in range(total)]
+    assert got == pytest.approx([trapezoid(s, total, warmup_frac, decay_frac) for s in range(total)], abs=1e-12)
+
+
+def test_wsd_truncation_of_the_sweep_schedule():
+    # configs/sweep.yaml: 176 steps, warmup 0.02 (3.52 -> 3 steps), decay 0.3 (52.8 -> 52 steps)
+    assert wsd_lr_factor(2, 176, 0.02, 0.3) == pytest.approx(2 / 3)
+    assert wsd_lr_factor(3, 176, 0.02, 0.3) == 1.0
+    assert wsd_lr_factor(123, 176, 0.02, 0.3) == 1.0 and wsd_lr_factor(124, 176, 0.02, 0.3) == 1.0
+    assert wsd_lr_factor(125, 176, 0.02, 0.3) == pytest.approx(51 / 52)
+    assert wsd_lr_factor(28, 100, warmup_frac=0.29, decay_frac=0.0) == 1.0  # 0.29 x 100 = 28.999... -> 28 steps
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

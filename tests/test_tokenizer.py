@@ -67,7 +67,7 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     )
     assert Tokenizer.from_file(str(out)).get_vocab_size() <= 300
     assert main(["train-tokenizer", "--input", str(corpus), "--vocab-size", "100", str(tmp_path / "t.json")]) == 2
-    assert "too small" in capsys.readouterr().err
+    assert "--vocab-size: must be >= 272, got 100" in capsys.readouterr().err
 
 
 def test_train_tokenizer_on_empty_corpus(tmp_path, capsys):

@@ -15,14 +15,16 @@ previous checkpoints untouched. Only folders named ``step-*`` count; leftovers a
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dual_lm.atomic import fsync_dir, fsync_file
+from dual_lm.atomic import fsync_dir, settle_folder
 from dual_lm.errors import UserError
 
 _NAME = re.compile(r"step-(\d{8})")
@@ -33,24 +35,31 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files cannot be read back (a kill or a full disk while it was copied, bit rot)."""
+
+
 def save_checkpoint(
     run_dir: Path, step: int, weights: dict, trainer_state: dict, meta: dict, tokenizer: Path | None
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically; returns its folder."""
+    """Write the checkpoint of ``step`` atomically; returns its folder. On any error (a full disk) the
+    staging folder is removed and the earlier checkpoints are untouched."""
     final = checkpoint_dir(run_dir, step)
     staging = final.with_name(f".{final.name}.tmp")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(trainer_state, staging / "trainer.pt")
-    (staging / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, staging / "tokenizer.json")
-    for path in staging.iterdir():
-        fsync_file(path)
-    fsync_dir(staging)
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(trainer_state, staging / "trainer.pt")
+        (staging / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, staging / "tokenizer.json")
+        settle_folder(staging)  # the umask's modes (safetensors writes 0600), flushed to disk
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if final.exists():  # a re-save of the same step after a resume: move the old one aside first
         _discard(final)
     staging.rename(final)
@@ -59,12 +68,31 @@ def save_checkpoint(
 
 
 def _discard(path: Path) -> None:
-    """Rename a checkpoint out of the ``step-*`` namespace, then delete it: a kill never leaves half of one."""
+    """Rename a checkpoint out of the ``step-*`` namespace, then delete it: a kill never leaves half of one
+    (the next run removes the ``.trash-*`` folder a kill left, see ``remove_leftovers``)."""
     trash = path.with_name(f".trash-{path.name}")
     if trash.exists():
         shutil.rmtree(trash)
     path.rename(trash)
     shutil.rmtree(trash)
+
+
+_LEFTOVER = re.compile(r"\.step-\d{8}\.tmp|\.trash-step-\d{8}")
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete what a killed save or prune left in ``RUN/checkpoints`` (``.step-*.tmp`` staging folders,
+    ``.trash-step-*`` folders); returns them. Only the holder of the run's lock may call this."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = sorted(p for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name))
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -80,12 +108,14 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, exponential: bool) -> None:
+def prune_checkpoints(run_dir: Path, keep_last: int, exponential: bool, upto: int | None = None) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (and, with ``exponential``, those at powers of two).
 
-    ``keep_last <= 0`` keeps every checkpoint.
+    ``keep_last <= 0`` keeps every checkpoint. With ``upto``, checkpoints after that step are neither
+    counted nor deleted: after a resume that skipped a damaged newer checkpoint, that one must not
+    stand in for a good one (the run replaces it when it gets there).
     """
-    found = list_checkpoints(run_dir)
+    found = [(step, path) for step, path in list_checkpoints(run_dir) if upto is None or step <= upto]
     if keep_last <= 0:
         return
     keep = {step for step, _ in found[-keep_last:]}
@@ -95,15 +125,38 @@ def prune_checkpoints(run_dir: Path, keep_last: int, exponential: bool) -> None:
             _discard(path)
 
 
+# What a damaged file raises when read back: safetensors' header errors, torch.load's zip and pickle
+# errors (a truncated or overwritten trainer.pt), and I/O errors of an unreadable file.
+_READ_ERRORS = (SafetensorError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError)
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """(weights, trainer state, meta) of a checkpoint folder."""
+    """(weights, trainer state, meta) of a checkpoint folder; ``DamagedCheckpoint`` (one line naming the
+    file) when a file is missing or cannot be read back."""
     path = Path(path)
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
-        raise UserError(f"{path} is not a complete checkpoint (it needs model.safetensors and state.json)")
-    weights = load_file(str(path / "model.safetensors"))
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    meta = json.loads((path / "state.json").read_text())
+        raise DamagedCheckpoint(f"{path} is not a complete checkpoint (it needs model.safetensors and state.json)")
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpoint(f"{path / 'state.json'} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise DamagedCheckpoint(f"{path / 'state.json'} does not hold the run config")
+    weights = _read(path / "model.safetensors", lambda f: load_file(str(f)))
+    trainer = _read(path / "trainer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    if not isinstance(trainer, dict):
+        raise DamagedCheckpoint(f"{path / 'trainer.pt'} does not hold a trainer state")
     return weights, trainer, meta
+
+
+def _read(path: Path, reader):
+    if not path.is_file():
+        raise DamagedCheckpoint(f"{path} is missing")
+    try:
+        return reader(path)
+    except _READ_ERRORS as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DamagedCheckpoint(f"{path} cannot be read ({reason})") from None
 
 
 def branch_name(alpha: float, repetitions: int) -> str:
@@ -114,6 +167,9 @@ def branch_name(alpha: float, repetitions: int) -> str:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the newest complete checkpoint of a run folder."""
     path = Path(path)
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise UserError(f"{path} {what}; give a checkpoint folder or a run folder with checkpoints")
     if (path / "state.json").is_file():
         return path
     found = list_checkpoints(path)
@@ -122,20 +178,64 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1][1]
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write a model folder (weights, config, modeling file, tokenizer) from a training checkpoint."""
+def _run_of(checkpoint: Path) -> Path | None:
+    """The run folder of ``RUN/checkpoints/step-N``, or None for a checkpoint kept elsewhere."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def _export_model(checkpoint: Path, weights: dict, meta: dict):
+    """(model holding the checkpoint's weights, run config); one line when they do not fit together."""
     from dual_lm.config import config_from_dict, llama_config
-    from dual_lm.folder import save_folder
+    from dual_lm.folder import compare_shapes
     from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
 
-    ckpt = resolve_checkpoint(path)
-    weights, _, meta = load_checkpoint(ckpt)
-    cfg = config_from_dict(meta["config"])
-    vocab = weights["model.embed_tokens.weight"].shape[0]
-    shape = cfg.model.shape(vocab, max(cfg.data.seq_len, 2048))
+    try:
+        cfg = config_from_dict(meta["config"])
+    except UserError as err:
+        raise DamagedCheckpoint(f"{checkpoint / 'state.json'} holds an invalid run config: {err}") from None
+    embedding = weights.get("model.embed_tokens.weight")
+    if embedding is None or embedding.dim() != 2:
+        raise DamagedCheckpoint(f"{checkpoint / 'model.safetensors'} has no 2-D model.embed_tokens.weight")
+    shape = cfg.model.shape(embedding.shape[0], max(cfg.data.seq_len, 2048))
     model = DLMLlamaForCausalLM(llama_config(shape))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problems = compare_shapes({name: tuple(t.shape) for name, t in weights.items()}, expected)
+    if problems:
+        raise DamagedCheckpoint(f"the weights of {checkpoint} do not match its run config: {'; '.join(problems)}")
     model.load_state_dict(weights)
-    if out_dir is None:
-        out_dir = ckpt.parent.parent / branch_name(cfg.objective.alpha, cfg.data.repetitions)
-    tokenizer = ckpt / "tokenizer.json"
-    return save_folder(model, out_dir, tokenizer if tokenizer.is_file() else None)
+    return model, cfg
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Write a model folder (weights, config, modeling file, tokenizer) from a training checkpoint.
+
+    ``out_dir`` (default ``RUN/alpha_{alpha:.3f}_n-reps={R}``) must be new or empty, or with
+    ``overwrite`` an existing model folder; never the checkpoint, the run, a folder holding either,
+    the current or the home directory (``ownership.check_output``). Inside the run folder the export
+    holds the run's lock, so it cannot race a trainer of that run.
+    """
+    from dual_lm.folder import save_folder
+    from dual_lm.ownership import MODEL, check_output, exclusive
+
+    checkpoint = resolve_checkpoint(path)
+    run_dir = _run_of(checkpoint)
+    sources = tuple(p for p in (Path(path), checkpoint, run_dir) if p is not None)
+
+    def check(out) -> Path:
+        return check_output(out, MODEL, update=overwrite, sources=sources, flag="--overwrite")
+
+    out = None if out_dir is None else check(out_dir)  # refuse before reading the weights
+    try:
+        weights, _, meta = load_checkpoint(checkpoint)
+    except DamagedCheckpoint as err:
+        older = " (give an older RUN/checkpoints/step-* folder to export that one)" if checkpoint != Path(path) else ""
+        raise DamagedCheckpoint(f"cannot export: {err}{older}") from None
+    model, cfg = _export_model(checkpoint, weights, meta)
+    if out is None:
+        out = check((run_dir or checkpoint.parent) / branch_name(cfg.objective.alpha, cfg.data.repetitions))
+    tokenizer = checkpoint / "tokenizer.json"
+    tokenizer = tokenizer if tokenizer.is_file() else None
+    if run_dir is not None and out.resolve().is_relative_to(run_dir.resolve()):
+        with exclusive(run_dir, "run"):
+            return save_folder(model, out, tokenizer, overwrite=overwrite)
+    return save_folder(model, out, tokenizer, overwrite=overwrite)

@@ -44,11 +44,32 @@ def real(low: float, high: float = math.inf, *, low_open: bool = False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-            bound = f"{'(' if low_open else '['}{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {bound}, got {text}")
+            if high == math.inf:
+                bound = f"{'>' if low_open else '>='} {low:g}"
+            else:
+                bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
         return value
 
     return parse
+
+
+SEED = integer(0, 2**64 - 1)  # what torch.manual_seed accepts
+MIN_VOCAB = 272  # the tokenizer recipe's 16 special tokens and 256 byte symbols (tokenizer.train_tokenizer)
+
+
+def output_file(path: str | Path, kind, sources=()) -> Path:
+    """An output file checked before the work it will hold: its folder exists and is writable, it is not a
+    folder, and a file already there is one of ``kind`` (which is then replaced atomically)."""
+    from dual_lm.ownership import check_output_file
+
+    path = Path(path)
+    parent = path.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"cannot write {kind.name} {path}: {parent} is a file, not a folder")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {kind.name} {path}: the folder {parent} does not exist; create it first")
+    return check_output_file(path, kind, sources)
 
 
 def _convert(args) -> int:
@@ -67,28 +88,39 @@ def _info(args) -> int:
     return 0
 
 
+def _is_tokenizer_file(path: Path) -> bool:
+    import json
+
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and {"model", "added_tokens"} <= set(payload)
+
+
 def _train_tokenizer(args) -> int:
     from dual_lm.corpus import ReadStats, expand_sources, iter_documents
+    from dual_lm.ownership import Kind, check_output
     from dual_lm.tokenizer import save_tokenizer, train_tokenizer
 
+    # a new path only, checked before the training: a file there (a tokenizer that data folders were made
+    # with, an input, anything of the user's) is never replaced
+    inputs = [s for s in args.input if not s.startswith("corpus:")]
+    out = check_output(args.out, Kind("tokenizer file", False, _is_tokenizer_file), sources=inputs)
     sources = expand_sources(args.input)
     stats = ReadStats()
     tokenizer = train_tokenizer(iter_documents(sources, args.text_field, stats), args.vocab_size)
     if stats.documents == 0:
         raise UserError(f"the inputs hold no documents ({stats.summary()})")
-    save_tokenizer(tokenizer, args.out)
+    save_tokenizer(tokenizer, out)
     print(f"trained on {stats.documents} documents ({stats.summary()}); vocabulary {tokenizer.get_vocab_size()}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
 def _prepare_data(args) -> int:
     from dual_lm.prepare import PrepareRequest, prepare_data
 
-    if args.valid_tokens < 0:
-        raise UserError("--valid-tokens must be >= 0")
-    if args.num_shards is not None and args.num_shards < 1:
-        raise UserError("--num-shards must be >= 1")
     request = PrepareRequest(
         args.tokenizer, tuple(args.input), args.output, args.valid_tokens, args.num_shards, args.text_field
     )
@@ -122,23 +154,29 @@ def _train(args) -> int:
 def _export(args) -> int:
     from dual_lm.checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
+    out = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite)
     print(f"wrote model folder {out}")
     return 0
 
 
 def _plot(args) -> int:
+    from dual_lm.ownership import PLOT
     from dual_lm.plot import plot_run
 
-    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    out = output_file(args.output or run_dir / "loss.png", PLOT, sources=(run_dir / "metrics.jsonl",))
+    print(f"wrote {plot_run(run_dir, out)}")
     return 0
 
 
 def _recommend(args) -> int:
     from dual_lm.recommend import recommend_alpha, repetitions_from_budget
 
-    if args.repetitions is None and (args.unique_tokens is None or args.budget_tokens is None):
-        raise UserError("give --repetitions R, or both --unique-tokens and --budget-tokens")
+    budget = [value is not None for value in (args.unique_tokens, args.budget_tokens)]
+    if (args.repetitions is not None and any(budget)) or (args.repetitions is None and not all(budget)):
+        raise UserError("give --repetitions R, or both --unique-tokens and --budget-tokens (not both ways)")
     if args.repetitions is not None:
         reps = args.repetitions
     else:
@@ -161,10 +199,13 @@ def _load_with_tokenizer(folder):
 
 
 def _fill(args) -> int:
-    from dual_lm.generation import fill_masks
+    from dual_lm.generation import encode_with_masks, fill_masks
 
     model, tokenizer = _load_with_tokenizer(args.folder)
     try:
+        length, context = len(encode_with_masks(tokenizer, args.text)), model.config.max_position_embeddings
+        if length > context:  # rotary positions past the context give confident nonsense, not an error
+            raise UserError(f"--text is {length} tokens, more than the model's context of {context}; shorten it")
         results = fill_masks(model, tokenizer, args.text, args.top_k)
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -188,8 +229,6 @@ def _generation_options(args) -> dict:
     import torch
 
     torch.manual_seed(args.seed)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     if args.temperature == 0:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k or None}
@@ -201,6 +240,12 @@ def _generate(args) -> int:
 
     if (args.prompt is None) == (args.prompts is None):
         raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
+    if args.output is not None and args.prompts is None:
+        raise UserError("--output applies to --prompts FILE only; a single --prompt streams to the terminal")
+    if args.output is not None:  # before the model loads: a bad path must not cost the work
+        from dual_lm.ownership import GENERATIONS
+
+        output_file(args.output, GENERATIONS, sources=(args.prompts,))
     prompts = read_prompts(Path(args.prompts)) if args.prompts else None
     model, tokenizer = _load_with_tokenizer(args.folder)
     options = _generation_options(args)
@@ -256,11 +301,10 @@ def _eval(args) -> int:
     from dual_lm.evaluation.results import markdown_table
     from dual_lm.evaluation.runner import EvalSettings
     from dual_lm.evaluation.tasks import parse_tasks
+    from dual_lm.ownership import RESULTS
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1 (got {args.limit}); leave it out to use every item")
-    if args.mask_n < 1 or args.batch_size < 1:
-        raise UserError("--mask-n and --batch-size must be >= 1")
+    if args.output:  # before any data or model is loaded: a bad path must not cost the work
+        output_file(args.output, RESULTS, sources=(args.folder,))
     settings = EvalSettings(args.mode, args.mask_n, args.batch_size)
     job = EvalJob(args.folder, parse_tasks(args.tasks), settings, args.limit, args.blimp_path, args.seed, args.device)
     results = run_job(job)
@@ -277,9 +321,11 @@ def _eval(args) -> int:
 def _eval_compare(args) -> int:
     from dual_lm.evaluation.compare import plot_runs
     from dual_lm.evaluation.results import check_metric, markdown_table, read_results
+    from dual_lm.ownership import PLOT
 
-    runs = [read_results(path) for path in args.results]
     metric = check_metric(args.metric)
+    output_file(args.output, PLOT, sources=args.results)
+    runs = [read_results(path) for path in args.results]
     print(markdown_table(runs, metric))
     print(f"wrote {plot_runs(runs, args.output, metric)}")
     return 0
@@ -296,19 +342,37 @@ def _lm_eval(args) -> int:
     saved, sys.argv = sys.argv, ["lm-eval", *rest]
     try:
         cli_evaluate()
+    except UserError:
+        raise  # the dual-lm model's own one-line errors (bad model_args, a folder that is not a model)
+    except ValueError as err:
+        if not _raised_in_lm_eval(err):
+            raise  # a bug elsewhere keeps its traceback
+        raise UserError("lm-eval: " + " ".join(str(err).split())) from None
     finally:
         sys.argv = saved
     return 0
 
 
+def _raised_in_lm_eval(err: BaseException) -> bool:
+    """Whether ``err`` was raised by lm-eval's own code (its checks of its arguments: an unknown task or
+    model), which deserves its message without the traceback."""
+    import lm_eval
+
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    root = Path(lm_eval.__file__).resolve().parent
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(root)
+
+
 def _checked_tasks(text: str | None, limit: int | None) -> tuple[str, ...]:
     """The sweep's evaluation tasks, their data checked now rather than after hours of training."""
     if not text:
+        if limit is not None:
+            raise UserError("--limit applies to --tasks only")
         return ()
     from dual_lm.evaluation.tasks import load_items, parse_tasks
 
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1 (got {limit})")
     names = tuple(parse_tasks(text))
     for name in names:
         load_items(name, 1)
@@ -316,13 +380,11 @@ def _checked_tasks(text: str | None, limit: int | None) -> tuple[str, ...]:
 
 
 def _sweep(args) -> int:
-    from dual_lm.sweep import SweepSpec, parse_alphas, parse_repetitions, results_table, run_sweep
+    from dual_lm.sweep import SweepSpec, check_sweep_output, parse_alphas, parse_repetitions, results_table, run_sweep
 
-    if args.nproc < 1 or args.windows < 0:
-        raise UserError("--nproc must be >= 1 and --windows >= 0")
     base = _run_config(args)
+    out = check_sweep_output(Path(args.output or Path(base.output).parent / "sweep"), base)
     tasks = _checked_tasks(args.tasks, args.limit)
-    out = Path(args.output or Path(base.output).parent / "sweep")
     spec = SweepSpec(
         parse_alphas(args.alphas), parse_repetitions(args.repetitions), out, args.nproc, args.windows, tasks, args.limit
     )
@@ -355,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-tokenizer", help="train the reference byte-level BPE recipe on text")
     p.add_argument("--input", nargs="+", required=True, help="files, folders or corpus:NAME")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=integer(MIN_VOCAB), required=True, help=f"at least {MIN_VOCAB}")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("out", help="where to write the tokenizer JSON")
     p.set_defaults(func=_train_tokenizer)
@@ -364,8 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer JSON (for example the published one)")
     p.add_argument("--input", nargs="+", required=True, help="files, folders or corpus:NAME")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--valid-tokens", type=int, default=0, help="hold out the first documents up to this many tokens")
-    p.add_argument("--num-shards", type=int, default=None, help="training shards (default: one per ~500 MB of text)")
+    p.add_argument(
+        "--valid-tokens", type=integer(0), default=0, help="hold out the first documents up to this many tokens"
+    )
+    p.add_argument(
+        "--num-shards", type=integer(1), default=None, help="training shards (default: one per ~500 MB of text)"
+    )
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.set_defaults(func=_prepare_data)
 
@@ -377,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="training checkpoint (or run folder) -> model folder")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("out_dir", nargs="?", help="default: RUN/alpha_{alpha:.3f}_n-reps={R}")
+    p.add_argument("out_dir", nargs="?", help="a new folder (default: RUN/alpha_{alpha:.3f}_n-reps={R})")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is an existing model folder")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("plot", help="draw a run's loss curves to PNG")
@@ -386,33 +453,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("recommend-alpha", help="the paper's rule for choosing alpha from the data budget")
-    p.add_argument("--repetitions", type=float)
-    p.add_argument("--unique-tokens", type=int)
-    p.add_argument("--budget-tokens", type=int)
+    p.add_argument("--repetitions", type=real(1), help="data repetitions R >= 1 (budget / unique tokens)")
+    p.add_argument("--unique-tokens", type=integer(1), help="unique tokens of the corpus")
+    p.add_argument("--budget-tokens", type=integer(1), help="training tokens of the run")
     p.set_defaults(func=_recommend)
 
     p = sub.add_parser("fill", help="predict <mask> tokens with the bidirectional (MNTP) mode")
     p.add_argument("folder")
     p.add_argument("--text", required=True, help='text with <mask>, e.g. "The capital of <mask> is Paris"')
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=integer(1), default=5, help="candidates shown per <mask>")
     p.set_defaults(func=_fill)
 
     p = sub.add_parser("generate", help="continue prompts: causal, prefix, diffusion or speculative mode")
     p.add_argument("folder")
     p.add_argument("--prompt", help="one prompt; the continuation streams to the terminal")
     p.add_argument("--mode", default="causal", choices=["causal", "prefix", "diffusion", "speculative"])
-    p.add_argument("--k", type=int, default=4, help="speculative: tokens drafted per round by the bidirectional mode")
+    p.add_argument(
+        "--k", type=integer(1, 64), default=4, help="speculative: tokens drafted per round by the bidirectional mode"
+    )
     p.add_argument("--draft", default="cached", choices=["cached", "full"], help="speculative: the draft pass")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="causal/prefix sampling: nucleus mass")
-    p.add_argument("--top-k", type=int, default=0, help="causal/prefix sampling: keep the k likeliest (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=32, help="diffusion: model passes")
+    p.add_argument("--max-new-tokens", type=integer(1), default=50)
+    p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=real(0, 1, low_open=True), default=0.95, help="causal/prefix sampling: nucleus mass")
+    p.add_argument("--top-k", type=integer(0), default=0, help="causal/prefix sampling: keep the k likeliest (0 = all)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--steps", type=integer(1), default=32, help="diffusion: model passes")
     p.add_argument("--strategy", default="confidence", choices=["confidence", "random"])
-    p.add_argument("--block-length", type=int, default=None, help="diffusion: semi-autoregressive blocks")
+    p.add_argument("--block-length", type=integer(1), default=None, help="diffusion: semi-autoregressive blocks")
     p.add_argument("--prompts", help="a file of prompts (one per line, or a .jsonl with 'prompt'): JSONL out")
-    p.add_argument("--batch-size", type=int, default=8, help="--prompts in causal/prefix mode: prompts per batch")
+    p.add_argument(
+        "--batch-size", type=integer(1), default=8, help="--prompts in causal/prefix mode: prompts per batch"
+    )
     p.add_argument("--output", help="--prompts: write the JSONL here (atomically) instead of stdout")
     p.set_defaults(func=_generate)
 
@@ -420,24 +491,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("file", help="JSONL: one {'context': ..., 'continuation': ...} or one {'text': ...} per line")
     p.add_argument("--mode", default="causal", choices=["causal", "prefix", "masked", "md-bound"])
-    p.add_argument("--n", type=int, default=1, help="masked mode: tokens masked from each scored token on")
-    p.add_argument("--samples", type=int, default=32, help="md-bound: Monte-Carlo samples per request")
-    p.add_argument("--seed", type=int, default=0, help="md-bound: seed of the masks")
-    p.add_argument("--window", type=int, default=None, help="causal texts: window length (default: the context)")
-    p.add_argument("--stride", type=int, default=None, help="causal texts: new tokens per window (default: half)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n", type=integer(1), default=1, help="masked mode: tokens masked from each scored token on")
+    p.add_argument("--samples", type=integer(2), default=32, help="md-bound: Monte-Carlo samples per request (>= 2)")
+    p.add_argument("--seed", type=SEED, default=0, help="md-bound: seed of the masks")
+    p.add_argument("--window", type=integer(2), default=None, help="causal texts: window length (default: the context)")
+    p.add_argument(
+        "--stride", type=integer(1), default=None, help="causal texts: new tokens per window (default: half)"
+    )
+    p.add_argument("--batch-size", type=integer(1), default=16)
     p.set_defaults(func=_score)
 
     p = sub.add_parser("eval", help="zero-shot accuracy on the paper's nine tasks (causal, prefix or masked)")
     p.add_argument("folder")
     p.add_argument("--tasks", default="all", help="comma-separated: arc_easy,arc_challenge,blimp,... or all")
     p.add_argument("--mode", default="causal", choices=["causal", "prefix", "masked"])
-    p.add_argument("--mask-n", type=int, default=1, help="masked mode: tokens masked from each scored token on")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each task (of each MMLU/BLiMP subtask)")
+    p.add_argument("--mask-n", type=integer(1), default=1, help="masked mode: tokens masked from each scored token on")
+    p.add_argument(
+        "--limit", type=integer(1), default=None, help="first N items of each task (of each MMLU/BLiMP subtask)"
+    )
     p.add_argument("--output", help="results JSON")
     p.add_argument("--blimp-path", help="folder or .jsonl of nyu-mll/blimp (default: the Hugging Face cache)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=integer(1), default=16)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)
 
@@ -464,14 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", required=True, help="comma-separated, fractions allowed: 0,0.5,63/64,1")
     p.add_argument("--repetitions", required=True, help="comma-separated integers: 1,16,64")
     p.add_argument("--output", help="sweep folder (default: next to the base config's output, named sweep)")
-    p.add_argument("--nproc", type=int, default=1, help="> 1: run each cell as a torchrun job of N processes")
-    p.add_argument("--windows", type=int, default=64, help="validation windows for prefix vs causal scoring")
+    p.add_argument("--nproc", type=integer(1), default=1, help="> 1: run each cell as a torchrun job of N processes")
+    p.add_argument(
+        "--windows", type=integer(0), default=64, help="validation windows for prefix vs causal scoring (0: none)"
+    )
     p.add_argument("--tasks", help="`dual-lm eval` tasks to score per cell in causal and prefix mode")
-    p.add_argument("--limit", type=int, default=None, help="--tasks: items per task")
+    p.add_argument("--limit", type=integer(1), default=None, help="--tasks: items per task")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("demo", help="the main job (run by `make demo`)")
-    p.add_argument("--fixture", default="../shared/reference/parity-tiny", help="reference parity checkpoint folder")
+    p.add_argument("--fixture", default="tests/fixtures/reference/parity-tiny", help="reference parity checkpoint")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its data, run and model folder")
     p.set_defaults(func=_demo)
     return parser
@@ -481,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     """The one place user errors become ``dual-lm CMD: error: ...`` and exit 2. A full disk or a
     permission error is the machine's fault and gets the same line; any other exception is a bug
     and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a parse error (already printed as one line) or --help
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.func(args)
     except UserError as err:

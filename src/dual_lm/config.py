@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,15 +102,44 @@ REFERENCE_KEYS = {
 }
 
 
-def load_reference_config(path: str | Path) -> ModelShape:
-    """Read a reference-trainer ``config.json`` into a ``ModelShape``; unknown or unsupported keys are errors."""
-    path = Path(path)
+def _reference_json(path: Path) -> dict:
+    """The reference config's JSON object; one line for a missing, empty, truncated or non-object file."""
+    if not path.is_file():
+        raise UserError(f"reference config {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
         raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"reference config {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"reference config {path} is not UTF-8 JSON text") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"reference config {path} is not valid JSON: {err}") from None
+        raise UserError(
+            f"reference config {path} is not valid JSON ({err.msg} at line {err.lineno}); it may be empty or truncated"
+        ) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"reference config {path} holds a JSON {type(raw).__name__}, not an object of settings")
+    return raw
+
+
+def _reference_size(raw: dict, key: str, path: Path, default: int | None = None) -> int:
+    """A size of the reference config: a positive integer (true/false, strings and 64.0 are refused)."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"reference config {path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _reference_number(raw: dict, key: str, path: Path, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"reference config {path}: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def load_reference_config(path: str | Path) -> ModelShape:
+    """Read a reference-trainer ``config.json`` into a ``ModelShape``; unknown or unsupported keys and
+    sizes that are not positive integers are errors (a zero or non-numeric size would otherwise surface
+    as a ZeroDivisionError or a tensor error deep inside model construction)."""
+    path = Path(path)
+    raw = _reference_json(path)
     unknown = sorted(set(raw) - REFERENCE_KEYS)
     if unknown:
         hints = ", ".join(f"{k!r}{closest(k, REFERENCE_KEYS)}" for k in unknown)
@@ -123,17 +153,26 @@ def load_reference_config(path: str | Path) -> ModelShape:
     for key in ("attention_pre_norm_affine", "feed_forward_pre_norm_affine", "classifier_pre_norm_affine"):
         if raw.get(key, True) is not True:
             raise UserError(f"{key}=false is not supported: LlamaModel's RMSNorm always has a learnable gain")
-    heads = raw["num_attention_heads"]
+    sizes = {key: _reference_size(raw, key, path) for key in required}
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    if "d_h" not in raw and hidden % heads:
+        raise UserError(
+            f"reference config {path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
+            "give the head size as d_h"
+        )
+    head_dim = _reference_size(raw, "d_h", path, hidden // heads)
+    if head_dim % 2:
+        raise UserError(f"reference config {path}: the head size {head_dim} must be even (rotary embeddings)")
     return ModelShape(
-        num_layers=raw["num_layers"],
-        hidden_size=raw["hidden_size"],
+        num_layers=sizes["num_layers"],
+        hidden_size=hidden,
         num_heads=heads,
-        head_dim=raw.get("d_h", raw["hidden_size"] // heads),
-        intermediate_size=raw["intermediate_size"],
-        vocab_size=raw["vocab_size"],
-        max_position_embeddings=raw.get("max_sequence_length", 2048),
-        rope_theta=float(raw.get("rope_theta", 160_000.0)),
-        rms_norm_eps=float(raw.get("norm_eps", 1e-7)),
+        head_dim=head_dim,
+        intermediate_size=sizes["intermediate_size"],
+        vocab_size=sizes["vocab_size"],
+        max_position_embeddings=_reference_size(raw, "max_sequence_length", path, 2048),
+        rope_theta=_reference_number(raw, "rope_theta", path, 160_000.0),
+        rms_norm_eps=_reference_number(raw, "norm_eps", path, 1e-7),
     )
 
 

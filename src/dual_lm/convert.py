@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from dual_lm.config import llama_config, load_reference_config
+from dual_lm.config import ModelShape, llama_config, load_reference_config
 from dual_lm.errors import UserError
 from dual_lm.folder import save_folder
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
-from dual_lm.tokenizer import load_tokenizer_file
+from dual_lm.ownership import MODEL, check_output, environment_error
+from dual_lm.tokenizer import check_tokenizer_fits
 
 # reference name pattern -> our name template (N = layer index)
 _LAYER_MAP = {
@@ -89,28 +91,39 @@ def map_state_dict(reference: dict[str, torch.Tensor], model: torch.nn.Module) -
     return mapped
 
 
+# What torch.load raises for a damaged file: zip errors (RuntimeError), a pickle cut short (EOFError,
+# UnpicklingError), garbage (KeyError, ValueError) and an unreadable tail (OSError EINVAL).
+_TORCH_READ_ERRORS = (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError)
+
+
 def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """``torch.load`` a reference ``state_dict.bin`` safely (tensors only)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"state dict {path} does not exist")
+        raise UserError(f"state dict {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read state dict {path}: {err}") from None
+    except _TORCH_READ_ERRORS as err:
+        if isinstance(err, OSError) and environment_error(err) is not None:
+            raise  # no permission: the CLI's own line
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"cannot read state dict {path} ({detail}); it may be truncated or corrupt") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a dict of tensors as the reference trainer saves")
     return state
 
 
-def build_reference_model(config_path: str | Path, state_dict_path: str | Path) -> DLMLlamaForCausalLM:
-    """A ``DLMLlamaForCausalLM`` holding the reference checkpoint's weights."""
-    shape = load_reference_config(config_path)
+def _reference_model(shape: ModelShape, state_dict_path: str | Path) -> DLMLlamaForCausalLM:
     reference = load_reference_state_dict(state_dict_path)
     model = DLMLlamaForCausalLM(llama_config(shape))
     mapped = map_state_dict(reference, model)
     model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True)
     return model.eval()
+
+
+def build_reference_model(config_path: str | Path, state_dict_path: str | Path) -> DLMLlamaForCausalLM:
+    """A ``DLMLlamaForCausalLM`` holding the reference checkpoint's weights."""
+    return _reference_model(load_reference_config(config_path), state_dict_path)
 
 
 def convert_reference(
@@ -119,11 +132,15 @@ def convert_reference(
     out_dir: str | Path,
     tokenizer_path: str | Path | None = None,
 ) -> Path:
-    """Write a model folder for a reference checkpoint; the folder appears complete or not at all."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"output folder {out_dir} exists and is not empty; choose a new folder")
+    """Write a model folder for a reference checkpoint; the folder appears complete or not at all.
+
+    Everything cheap is checked before the state dict is read: the output (new or an empty folder,
+    never an input or a folder holding one), the config's sizes, and that the tokenizer's ids fit
+    the model's vocabulary.
+    """
+    sources = tuple(p for p in (config_path, state_dict_path, tokenizer_path) if p is not None)
+    out_dir = check_output(out_dir, MODEL, sources=sources)
+    shape = load_reference_config(config_path)
     if tokenizer_path is not None:
-        load_tokenizer_file(tokenizer_path)  # fail before the slow part
-    model = build_reference_model(config_path, state_dict_path)
-    return save_folder(model, out_dir, tokenizer_path)
+        check_tokenizer_fits(tokenizer_path, shape.vocab_size)
+    return save_folder(_reference_model(shape, state_dict_path), out_dir, tokenizer_path)

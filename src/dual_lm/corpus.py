@@ -9,10 +9,10 @@ supported files inside it, in sorted order.
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -121,21 +121,59 @@ def _decode(raw: bytes, stats: ReadStats) -> str | None:
     return text
 
 
+def damaged_input(path: Path, fmt: str, err: BaseException) -> UserError:
+    """The one line for an input that cannot be decoded: which file, which format, what the decoder said."""
+    reason = str(err).strip() or type(err).__name__
+    return UserError(f"input {path} is not a readable {fmt} file ({reason}); re-create it or leave it out")
+
+
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of every frame of a ``.zst`` file; a stream cut inside a frame is an error
+    (zstandard's stream reader would end silently there, losing the rest of the file)."""
+    import zstandard
+
+    decoder, pending = zstandard.ZstdDecompressor().decompressobj(), False
+    with open(path, "rb") as raw:
+        for block in iter(lambda: raw.read(1 << 20), b""):
+            while block:
+                pending = True
+                yield decoder.decompress(block)
+                if not decoder.eof:
+                    break
+                block, pending = decoder.unused_data, False
+                decoder = zstandard.ZstdDecompressor().decompressobj()
+    if pending:
+        raise zstandard.ZstdError("the file ends inside a compressed frame (truncated)")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for chunk in chunks:
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
+
+
 def _jsonl_lines(path: Path) -> Iterator[bytes]:
+    """The non-blank lines of a JSONL file, decompressed; a damaged archive is one clear error."""
     fmt = format_of(path)
     if fmt == ".jsonl.gz":
-        stream = gzip.open(path, "rb")  # noqa: SIM115 - closed by the `with` below
+        try:
+            with gzip.open(path, "rb") as stream:
+                yield from (line for line in stream if line.strip())
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise damaged_input(path, "gzip", err) from None
     elif fmt == ".jsonl.zst":
         import zstandard
 
-        raw = open(path, "rb")  # noqa: SIM115 - closed with the reader below
-        stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        try:
+            yield from (line for line in _split_lines(_zstd_chunks(path)) if line.strip())
+        except zstandard.ZstdError as err:
+            raise damaged_input(path, "zstd", err) from None
     else:
-        stream = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
-    with stream:
-        for line in stream:
-            if line.strip():
-                yield line
+        with open(path, "rb") as stream:
+            yield from (line for line in stream if line.strip())
 
 
 def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
@@ -158,17 +196,22 @@ def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
 
 
 def _read_parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(path)
-    if text_field not in handle.schema_arrow.names:
-        raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(handle.schema_arrow.names)})")
-    for batch in handle.iter_batches(columns=[text_field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str) or not text.strip():
-                stats.empty += 1
-                continue
-            yield text
+    try:
+        handle = pq.ParquetFile(path)
+        names = handle.schema_arrow.names
+        if text_field not in names:
+            raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(names)})")
+        for batch in handle.iter_batches(columns=[text_field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                if not isinstance(text, str) or not text.strip():
+                    stats.empty += 1
+                    continue
+                yield text
+    except pa.ArrowException as err:
+        raise damaged_input(path, "parquet", err) from None
 
 
 def read_source(source: str | Path, text_field: str, stats: ReadStats) -> Iterator[str]:

@@ -1,6 +1,6 @@
 """``make demo``: the main job end to end on this CPU.
 
-1. (when the reference fixture is beside the repository) check parity with the reference logits;
+1. (when the reference fixture is there: tests/fixtures/reference) check parity with the reference logits;
 2. train the tokenizer recipe on the embedded Shakespeare corpus and prepare token shards;
 3. train a small dual model (configs/tiny.yaml) with a progress bar, resumable if interrupted;
 4. export a model folder and use it in every mode: a causal continuation, a prefix-mode
@@ -13,7 +13,7 @@ interrupted one continues where it stopped.
 from __future__ import annotations
 
 import math
-import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,21 +21,21 @@ from safetensors.torch import load_file
 
 from dual_lm.config import MASK_ID, load_train_config
 
-DEFAULT_FIXTURE = Path("../shared/reference/parity-tiny")
+DEFAULT_FIXTURE = Path("tests/fixtures/reference/parity-tiny")  # the in-repository copy
 DEMO_CONFIG = Path("configs/tiny.yaml")
 PROMPTS = ["ROMEO.\nBut soft, what light", "KING.\nMy lord, the"]
 FILLS = ["To be, or not to be, that is the question", "Now is the winter of our discontent"]
 
 
-def parity_check(fixture: Path, out_dir: Path) -> bool:
-    """Convert the reference parity checkpoint and compare all five attention patterns (1e-4)."""
+def parity_check(fixture: Path) -> bool:
+    """Convert the reference parity checkpoint (into a temporary folder: the demo keeps nothing of it)
+    and compare all five attention patterns (1e-4)."""
     from dual_lm.convert import convert_reference
     from dual_lm.folder import load_model
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    convert_reference(fixture / "config.json", fixture / "state_dict.bin", out_dir)
-    model = load_model(out_dir)
+    with tempfile.TemporaryDirectory(prefix="dual-lm-parity-") as tmp:
+        out_dir = convert_reference(fixture / "config.json", fixture / "state_dict.bin", Path(tmp) / "parity-tiny")
+        model = load_model(out_dir)
     expected = load_file(str(fixture / "expected.safetensors"))
     ids, masked = expected["input_ids"], expected["input_ids_masked"]
     docs = expected["document_ids_two_documents"].long()
@@ -139,7 +139,7 @@ def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo"))
     """The whole main job; returns the process exit status."""
     print("0. parity with the reference implementation")
     if (fixture / "state_dict.bin").is_file():
-        if not parity_check(fixture, workdir / "parity-tiny"):
+        if not parity_check(fixture):
             return 1
     else:
         print(f"   skipped: no reference fixture at {fixture}")
@@ -150,7 +150,9 @@ def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo"))
     print("3. export")
     from dual_lm.checkpoint import branch_name, export_checkpoint
 
-    folder = export_checkpoint(cfg.output, workdir / branch_name(cfg.objective.alpha, cfg.data.repetitions))
+    folder = export_checkpoint(
+        cfg.output, workdir / branch_name(cfg.objective.alpha, cfg.data.repetitions), overwrite=True
+    )  # a rerun of the demo replaces its own model folder
     print(f"   model folder {folder} (dual-lm info {folder})")
     print("4. the model in every mode")
     show(folder, cfg)

@@ -36,14 +36,18 @@ class DiffusionConfig:
     def validate(self, gap: int) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if not self.steps >= 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.block_length is not None and self.block_length < 1:
-            raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+        if not _whole(self.steps) or self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (a whole number), got {self.steps}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # nan would sample from nan probabilities
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.block_length is not None and (not _whole(self.block_length) or self.block_length < 1):
+            raise ValueError(f"block_length must be >= 1 (a whole number), got {self.block_length}")
         if gap < 1:
             raise ValueError("nothing to fill: the canvas has no <mask> positions")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass

@@ -1,15 +1,24 @@
-"""Model folders: validation, loading by mode, and the facts ``dual-lm info`` prints."""
+"""Model folders: validation on open, loading by mode, atomic saves, and the facts ``dual-lm info`` prints.
+
+Every command that opens a folder (info, fill, generate, score, eval, sweep) goes through
+``check_folder``. transformers loads many broken folders without a word: a config without our keys
+falls back to default Llama sizes, a missing tensor is initialised at random, a tokenizer larger
+than the embedding fails later with an IndexError. Here each of those is one clear line instead.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from dual_lm.atomic import fsync_dir, settle_folder
 from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import (
     ATTENTION_MODES,
@@ -17,61 +26,304 @@ from dual_lm.modeling_dlm_llama import (
     DLMLlamaForCausalLM,
     DLMLlamaForMaskedLM,
 )
-from dual_lm.tokenizer import save_folder_tokenizer
+from dual_lm.ownership import make_staging, remove_stale_staging
+from dual_lm.tokenizer import check_tokenizer_fits, save_folder_tokenizer
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+WEIGHT_FILE = "model.safetensors"
+WEIGHT_INDEX = "model.safetensors.index.json"
+WEIGHT_FILES = (WEIGHT_FILE, WEIGHT_INDEX)
 EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.output.weight", "lm_head.output.bias")
+SIZE_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+SIDE_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+REMEDY = "re-create the folder with `dual-lm export` or `dual-lm convert-reference`"
 
 
-def check_folder(folder: str | Path) -> Path:
-    """Return ``folder`` as a Path if it holds a config and weights; otherwise one clear error."""
+def _broken(folder: Path, problem: str) -> UserError:
+    return UserError(f"model folder {folder}: {problem}")
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def _read_json(path: Path, folder: Path) -> object:
+    """A JSON file of the folder; empty, truncated or non-UTF-8 files are one line."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise _broken(folder, f"{path.name} is not UTF-8 text; {REMEDY}") from None
+    if not text.strip():
+        raise _broken(folder, f"{path.name} is empty; {REMEDY}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _broken(
+            folder, f"{path.name} is not valid JSON ({err.msg} at line {err.lineno}), perhaps truncated; {REMEDY}"
+        ) from None
+
+
+def _positive_int(config: dict, key: str, folder: Path) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _broken(folder, f"config.json: {key} must be a positive integer, got {value!r}; {REMEDY}")
+    return value
+
+
+def _positive_number(value, key: str, folder: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _broken(folder, f"config.json: {key} must be a positive number, got {value!r}; {REMEDY}")
+    return float(value)
+
+
+def _identity(config: object, folder: Path) -> dict:
+    """The config must be a dual-lm Llama config, not a run config or a plain Llama one."""
+    if not isinstance(config, dict):
+        raise _broken(folder, f"config.json holds a JSON {type(config).__name__}, not an object; {REMEDY}")
+    if {"objective", "data", "train"} <= set(config):
+        raise _broken(folder, f"config.json is a training run config, not a model config; {REMEDY}")
+    if config.get("model_type") != "llama":
+        raise _broken(folder, f"config.json has model_type {config.get('model_type')!r}, not 'llama'; {REMEDY}")
+    if "mask_token_id" not in config:
+        raise _broken(folder, f"config.json lacks mask_token_id, so it is not a dual-lm model; {REMEDY}")
+    return config
+
+
+def _heads(config: dict, folder: Path) -> tuple[int, int]:
+    """(head_dim, num_key_value_heads) as the attention layers will build them."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") is None:
+        if hidden % heads:
+            raise _broken(folder, f"config.json: hidden_size {hidden} is not a multiple of {heads} heads; {REMEDY}")
+        head_dim = hidden // heads
+    else:
+        head_dim = _positive_int(config, "head_dim", folder)
+    if head_dim % 2:
+        raise _broken(folder, f"config.json: head_dim {head_dim} must be even for rotary embeddings; {REMEDY}")
+    kv_heads = (
+        heads if config.get("num_key_value_heads") is None else _positive_int(config, "num_key_value_heads", folder)
+    )
+    if heads % kv_heads:
+        raise _broken(folder, f"config.json: {heads} attention heads cannot share {kv_heads} key/value heads; {REMEDY}")
+    return head_dim, kv_heads
+
+
+def validate_config(config: object, folder: Path) -> dict:
+    """The config with every size checked and ``head_dim``/``num_key_value_heads`` filled in as the model
+    uses them, so nothing printed or built from it is None."""
+    config = _identity(config, folder)
+    for key in SIZE_KEYS:
+        _positive_int(config, key, folder)
+    head_dim, kv_heads = _heads(config, folder)
+    mask = config["mask_token_id"]
+    if isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask < config["vocab_size"]:
+        raise _broken(folder, f"config.json: mask_token_id {mask!r} is not an id of the vocabulary; {REMEDY}")
+    _positive_number(config.get("rms_norm_eps"), "rms_norm_eps", folder)
+    rope = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
+    _positive_number(rope, "rope_theta", folder)
+    attention = config.get("dlm_task_attention", "bidirectional")
+    if attention not in ATTENTION_MODES:
+        raise _broken(
+            folder, f"config.json: dlm_task_attention {attention!r} is not one of {', '.join(ATTENTION_MODES)}"
+        )
+    return {**config, "head_dim": head_dim, "num_key_value_heads": kv_heads, "rope_theta": float(rope)}
+
+
+def expected_shapes(config: dict, folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape the causal/masked LM builds for ``config``, from a model on the meta
+    device (no memory is allocated, whatever the sizes)."""
+    import torch
+    from transformers import LlamaConfig
+
+    try:
+        llama = LlamaConfig.from_dict(config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise _broken(folder, f"config.json is not a valid LlamaConfig ({err}); {REMEDY}") from None
+    with torch.device("meta"):
+        model = DLMLlamaForCausalLM(llama)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def _shards(folder: Path) -> tuple[list[str], dict | None]:
+    """The weight files and, for a sharded folder, its index's weight map. ``model.safetensors`` wins
+    when both exist, as in transformers."""
+    if (folder / WEIGHT_FILE).is_file():
+        return [WEIGHT_FILE], None
+    index = _read_json(folder / WEIGHT_INDEX, folder)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise _broken(folder, f"{WEIGHT_INDEX} has no weight_map of tensor names to shard files; {REMEDY}")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise _broken(folder, f"{WEIGHT_INDEX} names shard {name!r}, which is not a file name inside the folder")
+        if not (folder / name).is_file():
+            raise _broken(folder, f"{WEIGHT_INDEX} names shard {name}, which is missing; {REMEDY}")
+    return names, weight_map
+
+
+def read_weight_headers(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from the safetensors headers, without reading any tensor data."""
+    names, weight_map = _shards(folder)
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    owner: dict[str, str] = {}
+    for name in names:
+        try:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                for tensor in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if tensor in owner:
+                        raise _broken(folder, f"tensor {tensor} is stored in both {owner[tensor]} and {name}")
+                    piece = handle.get_slice(tensor)
+                    found[tensor], owner[tensor] = (piece.get_dtype(), tuple(piece.get_shape())), name
+        except SafetensorError as err:
+            raise _broken(folder, f"{name} is unreadable ({err}): the file is corrupt or truncated; {REMEDY}") from None
+    if weight_map is not None:
+        misplaced = sorted(t for t in set(weight_map) | set(owner) if weight_map.get(t) != owner.get(t))
+        if misplaced:
+            raise _broken(folder, f"{WEIGHT_INDEX} does not match its shards for: {_first(misplaced)}; {REMEDY}")
+    return found
+
+
+def _first(names: list[str], count: int = 4) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def compare_shapes(found: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+    """The differences between stored ``{name: shape}`` and the model's, as short phrases (empty if none)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    common = sorted(set(found) & set(expected))
+    misshaped = [f"{n} {found[n]} (expected {expected[n]})" for n in common if tuple(found[n]) != tuple(expected[n])]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_first(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {_first(misshaped, 2)}")
+    return problems
+
+
+def _check_weights(folder: Path, config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+    headers = read_weight_headers(folder)
+    problems = compare_shapes({n: shape for n, (_, shape) in headers.items()}, expected_shapes(config, folder))
+    if problems:
+        raise _broken(folder, f"the weights do not match config.json: {'; '.join(problems)}; {REMEDY}")
+    odd = sorted(n for n, (dtype, _) in headers.items() if dtype not in FLOAT_DTYPES)
+    if odd:
+        raise _broken(folder, f"tensors of a non-float dtype: {_first(odd)}; {REMEDY}")
+    return headers
+
+
+# ------------------------------------------------------------------------------ the folder
+
+
+@dataclass
+class OpenedFolder:
+    """A validated folder: its checked config and its tensors' (dtype, shape)."""
+
+    path: Path
+    config: dict
+    headers: dict[str, tuple[str, tuple[int, ...]]]
+    has_tokenizer: bool
+
+
+def open_folder(folder: str | Path) -> OpenedFolder:
+    """Validate everything a load relies on, reading only JSON files and safetensors headers."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist")
+        raise UserError(f"model folder {folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json; is it a model folder (see `dual-lm convert-reference`)?")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}); the save may be incomplete")
-    return folder
+    config = validate_config(_read_json(folder / "config.json", folder), folder)
+    for name in SIDE_FILES:
+        if (folder / name).is_file() and not isinstance(_read_json(folder / name, folder), dict):
+            raise _broken(folder, f"{name} does not hold a JSON object; {REMEDY}")
+    headers = _check_weights(folder, config)
+    has_tokenizer = (folder / "tokenizer.json").is_file()
+    if has_tokenizer:
+        check_tokenizer_fits(folder / "tokenizer.json", config["vocab_size"])
+    return OpenedFolder(folder, config, headers, has_tokenizer)
+
+
+def check_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path once it is a complete, consistent model folder; otherwise one clear error."""
+    return open_folder(folder).path
 
 
 def load_model(folder: str | Path, masked: bool = False, **kwargs):
-    """Load a folder as ``DLMLlamaForCausalLM`` (or ``DLMLlamaForMaskedLM``) in eval mode."""
+    """Load a validated folder as ``DLMLlamaForCausalLM`` (or ``DLMLlamaForMaskedLM``) in eval mode."""
     cls = DLMLlamaForMaskedLM if masked else DLMLlamaForCausalLM
     return cls.from_pretrained(str(check_folder(folder)), **kwargs).eval()
 
 
-def save_folder(model, out_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
-    """Save ``model`` (and a tokenizer) as a model folder: written aside, then renamed into place.
+# ------------------------------------------------------------------------------ saving
 
-    A kill or an error leaves either the previous folder or the complete new one, never a partial one.
+
+def _occupied(folder: Path) -> bool:
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
+def _swap_in(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename ``staging`` to ``out_dir``; an occupied ``out_dir`` is first renamed aside as
+    ``.NAME.old-PID-RAND`` and removed afterwards. After a kill in between, the next command that checks
+    ``out_dir`` finishes the replacement (``ownership.remove_stale_staging``)."""
+    old = None
+    if _occupied(out_dir):
+        if not overwrite:
+            raise UserError(f"refusing to replace {out_dir}: it appeared while the model was being written")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        out_dir.rename(old)
+    staging.rename(out_dir)  # onto a missing or empty folder
+    fsync_dir(out_dir.parent)
+    if old is not None and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old is not None:  # a link (or a file) stood at out_dir: only the link goes, never its target
+        old.unlink()
+
+
+def save_folder(
+    model, out_dir: str | Path, tokenizer_path: str | Path | None = None, *, overwrite: bool = False
+) -> Path:
+    """Save ``model`` (and a tokenizer) as a model folder: written into a staging sibling, then renamed in.
+
+    The caller decides whether ``out_dir`` may be written (``ownership.check_output``); an existing
+    non-empty ``out_dir`` is replaced only with ``overwrite``. A kill or an error (a full disk) leaves
+    the previous folder or the complete new one and no partial one; staging left by a killed save is
+    removed by the next save to the same place. Folders and files follow the umask.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_staging(out_dir)
+    if _occupied(out_dir) and not overwrite:
+        raise UserError(f"refusing to replace {out_dir}: it exists and is not empty; choose a new folder")
+    if tokenizer_path is not None:
+        check_tokenizer_fits(tokenizer_path, model.config.vocab_size)  # before any writing
+    staging = make_staging(out_dir)
     try:
         model.save_pretrained(staging)
         if tokenizer_path is not None:
             save_folder_tokenizer(tokenizer_path, staging, model.config.max_position_embeddings)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{staging.name[-8:]}")
-            out_dir.rename(old)
-        staging.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old)
+        settle_folder(staging)
+        _swap_in(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
 
 
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    return [folder / "model.safetensors"]
+# ------------------------------------------------------------------------------ info
 
 
 @dataclass
@@ -87,19 +339,14 @@ class FolderInfo:
 
 
 def inspect_folder(folder: str | Path) -> FolderInfo:
-    """Read the config and count parameters from the safetensors headers without loading weights."""
-    folder = check_folder(folder)
-    config = json.loads((folder / "config.json").read_text())
+    """The validated config and parameter counts from the safetensors headers, without loading weights."""
+    opened = open_folder(folder)
     total = embedding = 0
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                numel = 1
-                for dim in handle.get_slice(name).get_shape():
-                    numel *= dim
-                total += numel
-                embedding += numel if name in EMBEDDING_TENSORS else 0
-    return FolderInfo(config, total, embedding, (folder / "tokenizer.json").is_file())
+    for name, (_, shape) in opened.headers.items():
+        numel = math.prod(shape)
+        total += numel
+        embedding += numel if name in EMBEDDING_TENSORS else 0
+    return FolderInfo(opened.config, total, embedding, opened.has_tokenizer)
 
 
 def human(n: int) -> str:
@@ -109,27 +356,27 @@ def human(n: int) -> str:
 
 
 def describe_folder(folder: str | Path) -> str:
-    """The text ``dual-lm info`` prints."""
+    """The text ``dual-lm info`` prints (every value comes from the validated config: none is None)."""
     info = inspect_folder(folder)
     c = info.config
-    rope = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta"))
     rows = [
-        ("layers", c.get("num_hidden_layers")),
-        ("hidden size", c.get("hidden_size")),
-        ("attention heads", f"{c.get('num_attention_heads')} x {c.get('head_dim')}"),
-        ("intermediate size (SwiGLU)", c.get("intermediate_size")),
-        ("vocabulary", c.get("vocab_size")),
-        ("context length", c.get("max_position_embeddings")),
-        ("rope theta", rope),
-        ("rms norm eps", c.get("rms_norm_eps")),
+        ("layers", c["num_hidden_layers"]),
+        ("hidden size", c["hidden_size"]),
+        ("attention heads", f"{c['num_attention_heads']} x {c['head_dim']}"),
+        ("intermediate size (SwiGLU)", c["intermediate_size"]),
+        ("vocabulary", c["vocab_size"]),
+        ("context length", c["max_position_embeddings"]),
+        ("rope theta", c["rope_theta"]),
+        ("rms norm eps", c["rms_norm_eps"]),
         ("task-head attention", c.get("dlm_task_attention", "bidirectional")),
         ("parameters", f"{human(info.total)} total, {human(info.non_embedding)} non-embedding ({info.total:,})"),
         ("tokenizer", "tokenizer.json" if info.has_tokenizer else "none (pass token ids, or convert with --tokenizer)"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"model folder {Path(folder)}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    classes = c.get("auto_map", AUTO_MAP)
+    classes = c.get("auto_map")
+    classes = classes if isinstance(classes, dict) else AUTO_MAP
     lines.append("  classes (trust_remote_code=True):")
-    lines += [f"    {auto:<36} {target.split('.')[-1]}" for auto, target in classes.items()]
+    lines += [f"    {auto:<36} {str(target).split('.')[-1]}" for auto, target in classes.items()]
     lines.append(f"  attention modes: {', '.join(ATTENTION_MODES)} (+ document_ids for packed sequences)")
     return "\n".join(lines)

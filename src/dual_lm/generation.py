@@ -3,6 +3,7 @@ one prompt (optionally streamed) or many (batched)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,12 +100,24 @@ class TextPrinter(BaseStreamer):
 
 
 def _check_length(prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens}")
     if prompt_tokens + max_new_tokens > limit:
         raise ValueError(
             f"the prompt ({prompt_tokens} tokens) + {max_new_tokens} new tokens exceed the context of {limit}"
         )
+
+
+def check_sampling(options: dict) -> None:
+    """One ValueError for a bad sampling option of the causal and prefix modes (``model.generate``), where
+    nan or inf would otherwise reach the sampler and fail deep inside it or sample garbage."""
+    temperature, top_p, top_k = options.get("temperature"), options.get("top_p"), options.get("top_k")
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_p is not None and (not math.isfinite(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a whole number >= 0, got {top_k}")
 
 
 @torch.no_grad()
@@ -124,6 +137,7 @@ def generate_text(
     if mode == "speculative":
         result = speculative_generate(model, ids[0], max_new_tokens, streamer=streamer, **options)
         return continuation_text(tokenizer, ids[0].tolist(), result.tokens), result.acceptance_rate
+    check_sampling(options)
     out = model.generate(
         ids, max_new_tokens=max_new_tokens, prefix_attention=mode == "prefix", streamer=streamer, **options
     )
@@ -143,6 +157,7 @@ def generate_batch(
     if mode in ("diffusion", "speculative"):
         outs = [generate_text(model, tokenizer, p, mode, max_new_tokens, **options) for p in prompts]
         return [o[0] if isinstance(o, tuple) else o for o in outs]
+    check_sampling(options)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     for ids in encoded:
         _check_length(len(ids), max_new_tokens, model.config.max_position_embeddings)

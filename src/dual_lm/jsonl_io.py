@@ -14,12 +14,20 @@ from dual_lm.atomic import write_text_atomic
 from dual_lm.errors import UserError
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of an input file; one line when it is missing, a folder or not text."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+
+
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line of a text file, or a ``prompt`` field per line of a .jsonl file."""
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist")
     prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "prompt file").splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix != ".jsonl":
@@ -49,10 +57,8 @@ def read_score_file(path: Path, tokenizer) -> tuple[list, str]:
     records ("text", token lists starting with ``<s>``)."""
     from dual_lm.scoring import split_pair
 
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
     items, kinds = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "score file").splitlines(), 1):
         if not line.strip():
             continue
         try:

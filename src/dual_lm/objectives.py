@@ -8,18 +8,25 @@ Facts from the reference trainer (DESIGN.md section 3):
 - MD: per row t ~ U(0,1), u ~ U(0,1), k = max(1, floor(t L + u)) positions chosen uniformly among
   non-special tokens (ids < 16 never) become ``<mask>``; position j has a target iff input j+1 is
   masked, and the last position always has one. Loss = sum over targets of CE / t~ divided by
-  B x L (all positions), t~ = (1 - 1e-4) k / L + 1e-4. Bidirectional attention.
+  B x L (all positions), t~ = (1 - 1e-4) k / L + 1e-4. Bidirectional attention. When k exceeds
+  the maskable tokens of a row, every position of the row is masked (``<s>`` included) and
+  t~ = 1, as the reference does.
 - z-loss: logsumexp(logits)^2 with the same per-token weights, coefficient 1e-4.
 - The head runs only at target positions.
 
 AR and MD rows can share one forward pass: each row carries its own attention pattern (causal or
-bidirectional, both restricted to its documents), so a single process realises any alpha.
+bidirectional, both restricted to its documents), so a single process realises any alpha
+(``rows_for_ar``). Under torchrun the reference's rank rotation is available too: alpha = 1 - m/d
+as a reduced fraction, the world size a multiple of d, and rank r runs MD in epoch e iff
+(e + r) mod d < m, where e = step // (steps // R) counts optimiser steps (``md_ranks``,
+``rotation_epoch``, ``rank_runs_md``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +49,19 @@ def draw_mask_counts(batch: int, length: int, generator: torch.Generator | None 
 
 
 def choose_positions(eligible: torch.Tensor, counts: torch.Tensor, generator=None) -> torch.Tensor:
-    """Bool [B, L]: exactly min(counts[b], eligible positions) positions of row b, uniformly among ``eligible``."""
+    """Bool [B, L]: exactly counts[b] positions of row b, uniformly among ``eligible``; a row whose count
+    exceeds its eligible positions is masked everywhere, ineligible positions included.
+
+    The reference thresholds uniform scores (ineligible ones infinite) at the k-th smallest, so a k
+    past the finite scores reaches infinity and takes every position (about 0.1% of MD rows at
+    L = 2,048, where k is close to L and the row holds a few ``<s>``).
+    """
+    device, eligible = eligible.device, eligible.cpu()
     scores = torch.rand(eligible.shape, generator=generator)
-    scores = scores.masked_fill(~eligible.cpu(), 2.0)  # ineligible positions sort last
+    scores = scores.masked_fill(~eligible, 2.0)  # ineligible positions sort last
     ranks = scores.argsort(dim=1).argsort(dim=1)
-    return ((ranks < counts[:, None]) & eligible.cpu()).to(eligible.device)
+    overflow = counts.cpu() > eligible.sum(1)
+    return (((ranks < counts.cpu()[:, None]) & eligible) | overflow[:, None]).to(device)
 
 
 def mask_rate(masked: torch.Tensor) -> torch.Tensor:
@@ -185,17 +200,29 @@ def rows_for_ar(batch: int, alpha: float, generator: torch.Generator | None = No
     return ar
 
 
-def md_ranks(alpha: float, world_size: int) -> int:
-    """m, the number of MD ranks out of d = world_size, such that alpha = 1 - m/d exactly."""
-    m = round((1 - alpha) * world_size)
-    if not math.isclose(1 - m / world_size, alpha, abs_tol=1e-9):
+def md_ranks(alpha: float, world_size: int) -> tuple[int, int]:
+    """(m, d): 1 - alpha = m/d as a reduced fraction, the reference's hybrid numerator and denominator
+    (63/64 -> (1, 64), 3/4 -> (1, 4), 1 -> (0, 1), 0 -> (1, 1)); the world size must be a multiple of d."""
+    share = Fraction(1 - alpha).limit_denominator(1 << 20)
+    m, d = share.numerator, share.denominator
+    if not math.isclose(m / d, 1 - alpha, rel_tol=0.0, abs_tol=1e-12) or world_size % d:
         raise ValueError(
-            f"alpha={alpha} cannot be realised by splitting {world_size} rank(s) (alpha must be 1 - m/{world_size}); "
-            "use objective.alpha_mode=rows or another world size"
+            f"alpha={alpha} cannot be realised by splitting {world_size} rank(s): by ranks 1 - alpha must be "
+            f"m/d with the world size a multiple of d (here {m}/{d}); use objective.alpha_mode=rows or launch "
+            f"a multiple of {d} processes"
         )
-    return m
+    return m, d
 
 
-def rank_runs_md(epoch: int, rank: int, world_size: int, md_count: int) -> bool:
+def rotation_epoch(step: int, total_steps: int, repetitions: int) -> int:
+    """The reference's epoch of the MD-rank rotation: step // (total_steps // R), counted in optimiser steps
+    (not data passes)."""
+    per_epoch = total_steps // repetitions
+    if per_epoch < 1:
+        raise ValueError(f"{total_steps} steps over {repetitions} repetitions leave epochs of 0 steps")
+    return step // per_epoch
+
+
+def rank_runs_md(epoch: int, rank: int, md_count: int, denominator: int) -> bool:
     """The reference rotation: rank r runs MD in epoch e iff (e + r) mod d < m."""
-    return (epoch + rank) % world_size < md_count
+    return (epoch + rank) % denominator < md_count

@@ -377,8 +377,9 @@ def wsd_lr_factor(
 
     ``step`` is the index of the update about to be taken (0 for the first ``optimizer.step()``),
     the same number ``torch.optim.lr_scheduler.LambdaLR`` passes when ``scheduler.step()`` follows
-    each ``optimizer.step()``. With ``W = round(warmup_frac * T)`` and
-    ``D = min(round(decay_frac * T), T - W)``, ``T = total_steps``, as in the reference trainer:
+    each ``optimizer.step()``. With ``W = int(warmup_frac * T)`` and
+    ``D = min(int(decay_frac * T), T - W)``, ``T = total_steps``, truncated as the reference trainer
+    does (so 0.29 x 100 = 28.999... gives 28 steps, where rounding gave 29):
 
     * warmup, ``step < W``: ``step / W`` (so update 0 has factor 0, as the reference);
     * stable, ``W <= step < T - D``: 1;
@@ -402,8 +403,8 @@ def wsd_lr_factor(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    warmup = round(warmup_frac * total_steps)
-    decay_steps = min(round(decay_frac * total_steps), total_steps - warmup)
+    warmup = int(warmup_frac * total_steps)  # truncation, as the reference's int(max_steps * proportion)
+    decay_steps = min(int(decay_frac * total_steps), total_steps - warmup)
     decay_start = total_steps - decay_steps
     if step >= total_steps:
         return 0.0

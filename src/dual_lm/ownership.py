@@ -1,6 +1,6 @@
 """What a command may write to: artefact kinds, output checks, the one-writer lock and staging folders.
 
-The rule (DESIGN.md section 5): a command writes only into a path that does not exist (or an empty
+The rule: a command writes only into a path that does not exist (or an empty
 folder), or into an artefact of the kind it is meant to update (a run it resumes, a model folder it
 re-exports with ``--overwrite``). Anything else is refused with one line naming what is there, and
 so are the places no command should ever replace: a source of the command, an ancestor of one, the
@@ -180,6 +180,23 @@ def _writable_parent(path: Path) -> None:
         raise UserError(f"cannot write {path}: permission denied in {parent}")
 
 
+def lock_holder(folder: Path) -> str | None:
+    """The pid recorded by the process that holds ``folder``'s lock now, or None when nobody holds it
+    (tested with a shared, non-blocking flock on a read-only descriptor: nothing is written)."""
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        return None if holder == str(os.getpid()) else holder  # this process's own lock is no refusal
+    finally:
+        os.close(fd)  # closing drops the shared lock if it was taken
+    return None
+
+
 def check_output(path: str | Path, kind: Kind, *, update: bool = False, sources=(), flag: str = "") -> Path:
     """Refuse ``path`` as an output of ``kind`` unless it is new (or an empty folder), or, with ``update``,
     an artefact of that kind. ``sources`` are the command's inputs; ``flag`` names the option that
@@ -191,10 +208,15 @@ def check_output(path: str | Path, kind: Kind, *, update: bool = False, sources=
         if reason is not None:
             raise UserError(f"refusing to write {kind.name} {path}: it is {reason}")
     if not path.exists():
+        remove_stale_staging(path)  # a killed replacement of ``path`` is finished (or undone) first
+    if not path.exists():
         if path.is_symlink():
             raise UserError(f"refusing to write {kind.name} {path}: it is a dangling symbolic link")
         _writable_parent(path)
         return path
+    holder = lock_holder(path) if path.is_dir() else None
+    if holder is not None:  # a live writer's folder may not look like its kind yet
+        raise UserError(f"{path} is in use by another dual-lm process (pid {holder}); wait for it to finish or stop it")
     if kind.is_dir and path.is_dir() and not any(p.name != LOCK_NAME for p in path.iterdir()):
         _check_writable(path)
         return path
@@ -251,13 +273,6 @@ def exclusive(folder: str | Path, what: str = "folder") -> Iterator[None]:
 # ------------------------------------------------------------------------------ staging
 
 
-def _mode(dir_mode: int = 0o777) -> int:
-    """``dir_mode`` under the process umask (read without changing it for longer than a call)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return dir_mode & ~umask
-
-
 def make_staging(target: Path, tag: str = "tmp") -> Path:
     """A new hidden sibling folder ``.NAME.TAG-PID-RANDOM`` of ``target``, created under the umask."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -276,21 +291,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _staging_pid(rest: str) -> int | None:
+    """The pid in a staging name's tail ``PID`` or ``PID-RANDOM``; None for names without one (an older
+    dual-lm's ``RANDOM`` only)."""
+    head = rest.split("-", 1)[0]
+    return int(head) if head.isdigit() and (rest == head or rest[len(head) + 1 :].isalnum()) else None
+
+
 def remove_stale_staging(target: Path, tags: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
-    """Delete ``.NAME.TAG-*`` siblings of ``target`` left by processes that are gone; returns them."""
+    """Clear the ``.NAME.TAG-*`` siblings of ``target`` left by processes that are gone; returns them.
+
+    Staging copies (``tmp``) and replaced folders set aside (``old``) are deleted, except when
+    ``target`` itself is missing and an ``old`` one is there: then a kill came between the two renames
+    of a replacement, and the replacement is finished (the same process's complete ``tmp`` copy is
+    renamed in; a copy is renamed only once written whole) or, without one, the old folder is renamed
+    back. The caller finds the previous artefact or the new one, never neither.
+    """
     if not target.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.({'|'.join(tags)})-(?:(\d+)-)?[0-9a-z_]+")
-    removed = []
-    for path in target.parent.iterdir():
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.({'|'.join(tags)})-([0-9A-Za-z_-]+)")
+    stale: dict[tuple[str, int | None], list[Path]] = {}
+    for path in sorted(target.parent.iterdir()):
         match = pattern.fullmatch(path.name)
-        if match is None or (match.group(2) and _alive(int(match.group(2)))):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
+        pid = _staging_pid(match.group(2)) if match else None
+        if match is not None and not (pid is not None and _alive(pid)):
+            stale.setdefault((match.group(1), pid), []).append(path)
+    if not target.exists() and not target.is_symlink():
+        for (tag, pid), paths in stale.items():
+            if tag == "old" and pid is not None:
+                finished = stale.get(("tmp", pid), [])
+                (finished or paths)[0].rename(target)
+                break
+    removed = [path for paths in stale.values() for path in paths]
+    for path in removed:
+        if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
-        removed.append(path)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
     return removed
 
 

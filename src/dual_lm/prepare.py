@@ -9,10 +9,11 @@ Layout of an output folder::
 
 ``*.tokens`` is a flat array of token ids (uint16 when the vocabulary fits, else uint32),
 ``*.docs.npy`` the int64 start offsets of its documents plus the end, and the small ``*.json``
-marks the shard complete. Documents are stored without special tokens; the loader prepends
-``<s>``. Training documents are split into contiguous shards of (nearly) equal document counts.
-A re-run skips every shard whose marker matches and redoes the rest, so a killed run finishes
-with exactly the files an uninterrupted run writes.
+marks the shard complete. Documents are stripped of surrounding whitespace (as the reference
+trainer does; format 2) and stored without special tokens; the loader prepends ``<s>``.
+Training documents are split into contiguous shards of (nearly) equal document counts. A re-run
+skips every shard whose marker matches and redoes the rest, so a killed run finishes with
+exactly the files an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice, pairwise
 from pathlib import Path
@@ -30,12 +34,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dual_lm.atomic import fsync_dir, write_json_atomic
+from dual_lm import ownership
+from dual_lm.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from dual_lm.corpus import ReadStats, expand_sources, iter_documents
 from dual_lm.errors import UserError
 from dual_lm.tokenizer import load_tokenizer_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents are stripped of surrounding whitespace before tokenising, as the reference does
 BATCH_CHARS = 4_000_000  # text handed to the tokenizer at once (parallel over all cores)
 
 
@@ -140,6 +145,29 @@ def read_marker(folder: Path, name: str, expect: dict) -> dict | None:
     return meta
 
 
+def check_format(manifest: dict, folder: str | Path) -> None:
+    """Refuse a data folder written in another format than this version writes: a format-1 folder holds
+    unstripped documents (120 of the demo's 161 ended in a lone space token), never mixed in silently."""
+    found = manifest.get("format")
+    if found != FORMAT_VERSION:
+        raise UserError(
+            f"data folder {folder} has data format {found!r}, this dual-lm trains on format {FORMAT_VERSION} "
+            "(documents stripped of surrounding whitespace); re-run `dual-lm prepare-data` into a new folder"
+        )
+
+
+def stripped(texts: Iterator[str], stats: ReadStats) -> Iterator[str]:
+    """Each document stripped of surrounding whitespace before tokenising, as the reference trainer does; one
+    left empty is skipped and counted as empty (the readers already skip whitespace-only ones)."""
+    for text in texts:
+        text = text.strip()
+        if not text:
+            stats.documents -= 1
+            stats.empty += 1
+            continue
+        yield text
+
+
 def shard_bounds(first: int, total: int, shards: int) -> list[tuple[int, int]]:
     """Split document indices [first, total) into ``shards`` contiguous ranges of near-equal size."""
     count = total - first
@@ -147,8 +175,59 @@ def shard_bounds(first: int, total: int, shards: int) -> list[tuple[int, int]]:
     return list(pairwise(edges))
 
 
+_TEMPORARY = re.compile(r"\.(manifest\.json|tokenizer\.json|(valid|train-\d{5})\.(tokens|docs|json))\.tmp.*")
+
+
+def check_output_folder(request: PrepareRequest) -> Path:
+    """The output must be new, empty or a prepare-data folder (a killed run's partial folder counts, so a
+    re-run resumes it); never a model folder (its tokenizer.json would be replaced), another folder, an
+    input or a folder holding one."""
+    sources = [s for s in (*request.inputs, request.tokenizer) if not s.startswith("corpus:")]
+    return ownership.check_output(request.output, ownership.DATA, update=True, sources=sources)
+
+
+def remove_temporaries(out: Path) -> list[Path]:
+    """Delete the temporary files of shards, markers, the tokenizer copy and the manifest (the caller
+    holds the folder's lock: they belong to a failed or killed run); committed shards stay."""
+    found = sorted(p for p in out.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file()) if out.is_dir() else []
+    for path in found:
+        path.unlink()
+    return found
+
+
+@dataclass
+class _Writing:
+    out: Path
+    started: bool = False  # set once this run removed the stale temporaries and began to write
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[_Writing]:
+    """Hold the folder's lock while writing; on a failure (a full disk, Ctrl-C) remove the temporary
+    files once this run has begun to write (a run refused before that changes nothing), and the folder
+    itself when this run created it and wrote nothing into it."""
+    created = not out.exists()
+    with ownership.exclusive(out, "prepare-data folder"):
+        state = _Writing(out)
+        try:
+            yield state
+        except BaseException:
+            if state.started:
+                remove_temporaries(out)
+            if created and all(p.name == ownership.LOCK_NAME for p in out.iterdir()):
+                shutil.rmtree(out)
+            raise
+
+
 def prepare_data(request: PrepareRequest) -> dict:
-    """Tokenise the inputs into shards (see the module docstring); returns the manifest."""
+    """Tokenise the inputs into shards (see the module docstring); returns the manifest. The output is
+    checked and locked before anything is read or written."""
+    out = check_output_folder(request)
+    with _writing(out) as writing:
+        return _prepare_locked(request, writing)
+
+
+def _prepare_locked(request: PrepareRequest, writing: _Writing) -> dict:
     out = Path(request.output)
     sources = expand_sources(list(request.inputs))
     tokenizer = load_tokenizer_file(request.tokenizer)
@@ -161,32 +240,35 @@ def prepare_data(request: PrepareRequest) -> dict:
         "text_field": request.text_field,
     }
     _check_existing_manifest(out, base, request)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(request.tokenizer, out / ".tokenizer.json.tmp")
-    (out / ".tokenizer.json.tmp").replace(out / "tokenizer.json")  # the data folder names its tokenizer
 
     count_stats = ReadStats()
     chars = 0
-    for text in tqdm(iter_documents(sources, request.text_field, count_stats), desc="counting documents", unit=" doc"):
+    counted = stripped(iter_documents(sources, request.text_field, count_stats), count_stats)
+    for text in tqdm(counted, desc="counting documents", unit=" doc"):
         chars += len(text)
     if count_stats.documents == 0:
         raise UserError(f"the inputs hold no documents ({count_stats.summary()})")
+    stale = remove_temporaries(out)  # of a killed run; from here on this run writes
+    writing.started = True
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) a killed prepare-data left in {out}", file=sys.stderr)
+    write_bytes_atomic(out / "tokenizer.json", Path(request.tokenizer).read_bytes())  # the folder names its tokenizer
 
     started = time.perf_counter()
     stats = ReadStats()
-    documents = iter_documents(sources, request.text_field, stats)
-    bar = tqdm(total=count_stats.documents, desc="tokenising", unit=" doc")
-    valid = _prepare_valid(out, documents, tokenizer, dtype, base, request.valid_tokens, bar)
-    train_docs = count_stats.documents - valid["documents"]
-    if train_docs <= 0:
-        raise UserError(f"--valid-tokens {request.valid_tokens} leaves no training documents; ask for fewer")
-    shards = request.num_shards or max(1, chars // 500_000_000)
-    if not 1 <= shards <= train_docs:
-        raise UserError(f"--num-shards must lie in [1, {train_docs}] (the number of training documents)")
-    metas = []
-    for k, (lo, hi) in enumerate(shard_bounds(valid["documents"], count_stats.documents, shards)):
-        metas.append(_prepare_shard(out, f"train-{k:05d}", documents, lo, hi - lo, tokenizer, dtype, base, bar))
-    bar.close()
+    documents = stripped(iter_documents(sources, request.text_field, stats), stats)
+    # a with-block: an error (a full disk) ends the bar's line before the one-line message is printed
+    with tqdm(total=count_stats.documents, desc="tokenising", unit=" doc") as bar:
+        valid = _prepare_valid(out, documents, tokenizer, dtype, base, request.valid_tokens, bar)
+        train_docs = count_stats.documents - valid["documents"]
+        if train_docs <= 0:
+            raise UserError(f"--valid-tokens {request.valid_tokens} leaves no training documents; ask for fewer")
+        shards = request.num_shards or max(1, chars // 500_000_000)
+        if not 1 <= shards <= train_docs:
+            raise UserError(f"--num-shards must lie in [1, {train_docs}] (the number of training documents)")
+        metas = []
+        for k, (lo, hi) in enumerate(shard_bounds(valid["documents"], count_stats.documents, shards)):
+            metas.append(_prepare_shard(out, f"train-{k:05d}", documents, lo, hi - lo, tokenizer, dtype, base, bar))
     manifest = {
         **base,
         "vocab_size": tokenizer.get_vocab_size(),
@@ -208,7 +290,14 @@ def _check_existing_manifest(out: Path, base: dict, request: PrepareRequest) -> 
     path = out / "manifest.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):  # every shard is checked against its own marker, and the manifest rewritten
+        print(f"{path} is damaged; checking every shard against its marker and writing it again", file=sys.stderr)
+        return
+    check_format(old, out)  # a folder of an earlier format is named as such, not as "other inputs"
     if any(old.get(k) != v for k, v in base.items()):
         raise UserError(f"{out} already holds data prepared from other inputs or another tokenizer; use a new folder")
     if old.get("requested_valid_tokens") != request.valid_tokens or (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dual_lm.errors import UserError
+import math
 
 # the released recommendations (model card) for data-constrained runs
 RELEASED = {32: 0.75, 128: 0.125}
@@ -10,8 +10,10 @@ RELEASED = {32: 0.75, 128: 0.125}
 
 def recommend_alpha(repetitions: float) -> tuple[float, list[str]]:
     """(alpha, reasoning): 63/64 for R <= 16; else about 16/R so the AR objective sees ~16 epochs (band 8-32)."""
-    if repetitions < 1:
-        raise UserError(f"repetitions must be >= 1 (the token budget divided by the unique tokens), got {repetitions}")
+    if not math.isfinite(repetitions) or repetitions < 1:  # nan passes a plain < 1 test and inf gives alpha 0
+        raise ValueError(
+            f"repetitions must be a finite number >= 1 (the token budget over the unique tokens), got {repetitions}"
+        )
     r = repetitions
     lines = [f"data repetitions R = {r:g}"]
     if r <= 16:
@@ -36,7 +38,9 @@ def recommend_alpha(repetitions: float) -> tuple[float, list[str]]:
     return alpha, lines
 
 
-def repetitions_from_budget(unique_tokens: int, budget_tokens: int) -> float:
-    if unique_tokens <= 0 or budget_tokens <= 0:
-        raise UserError("--unique-tokens and --budget-tokens must be positive")
+def repetitions_from_budget(unique_tokens: float, budget_tokens: float) -> float:
+    """R = budget / unique tokens; a budget below the corpus sees each token at most once: R = 1."""
+    for name, value in (("unique_tokens", unique_tokens), ("budget_tokens", budget_tokens)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return max(1.0, budget_tokens / unique_tokens)

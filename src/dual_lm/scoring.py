@@ -167,8 +167,8 @@ def score_texts(model, texts, window: int | None = None, stride: int | None = No
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    window = window or model.config.max_position_embeddings
-    stride = stride or max(1, window // 2)
+    window = model.config.max_position_embeddings if window is None else window  # 0 is refused, not defaulted
+    stride = max(1, window // 2) if stride is None else stride
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window {window} exceeds the model's context of {model.config.max_position_embeddings}")
     pieces, owner = [], []

@@ -16,6 +16,7 @@ sampled output has the causal distribution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,14 @@ def _draft_logits(model, seq: torch.Tensor, cache, k: int, draft: str) -> torch.
 
 def check_options(prompt_tokens: int, max_new_tokens: int, limit: int, k: int, temperature: float, draft: str) -> None:
     """One ValueError naming the first bad option of ``speculative_generate``."""
-    if not 1 <= k <= 64:
-        raise ValueError(f"k (drafted tokens per round) must lie in [1, 64], got {k}")
+    if not isinstance(k, int) or not 1 <= k <= 64:
+        raise ValueError(f"k (drafted tokens per round) must be a whole number in [1, 64], got {k}")
     if draft not in DRAFTS:
         raise ValueError(f"unknown draft {draft!r}; choose one of {', '.join(DRAFTS)}")
-    if max_new_tokens < 1 or temperature < 0:
-        raise ValueError("max_new_tokens must be >= 1 and temperature >= 0")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:  # nan would compare as neither < 0 nor >= 0
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if prompt_tokens + max_new_tokens + k > limit:
         raise ValueError(f"prompt + new tokens + k exceed the context of {limit}")
 

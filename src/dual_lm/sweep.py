@@ -6,10 +6,14 @@ Layout of ``OUT``::
     OUT/alpha_{alpha:.3f}_n-reps={R}/run/      the cell's training run (checkpoints, metrics.jsonl)
     OUT/alpha_{alpha:.3f}_n-reps={R}/model/    the exported model folder
     OUT/alpha_{alpha:.3f}_n-reps={R}/result.json   written last and atomically: the cell is done
+    OUT/sweep.json    the grid and evaluation options (the folder's marker, see ``ownership``)
     OUT/results.json  results.md  heatmap.png  curves.png
 
-A finished cell (``result.json`` present) is skipped; an interrupted one resumes from its newest
-checkpoint, so killing and re-running the same command loses at most one checkpoint interval.
+A finished cell (``result.json`` present) is not retrained; its evaluation (prefix vs causal
+scoring, tasks) is recomputed from its model folder when the evaluation options differ from the
+ones stored in its result. An interrupted cell resumes from its newest checkpoint (or, killed
+during its evaluation, reuses its export), so killing and re-running the same command loses at
+most one checkpoint interval. One sweep at a time holds the folder (``ownership.exclusive``).
 Every cell trains the same number of steps on the same budget; ``data.repetitions`` = R keeps the
 first 1/R of the corpus (DESIGN.md section 3), so R is the epoch count when the budget equals the
 corpus.
@@ -32,6 +36,8 @@ from dual_lm.config import BOS_ID, TrainConfig
 from dual_lm.errors import UserError
 
 VAL_KEYS = ("val_ar_nll", "val_md_loss", "val_md_nll", "val_ar_acc", "val_md_acc")
+# a cell result's evaluation part: recomputed (without retraining) when the evaluation options change
+EVAL_KEYS = ("causal_nll", "prefix_nll", "prefix_gain", "windows", "tasks_causal", "tasks_prefix", "evaluation")
 COLUMN_NAMES = {
     "val_ar_nll": "val AR nll",
     "val_md_loss": "val MD loss",
@@ -119,9 +125,14 @@ def final_metrics(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 def validation_windows(data_path: str, windows: int, context: int = 64, continuation: int = 32) -> list:
-    """Up to ``windows`` (context, continuation) token pairs cut from the validation documents in order."""
+    """Up to ``windows`` (context, continuation) token pairs cut from the validation documents in order
+    (none for ``windows`` = 0)."""
     from dual_lm.data import TokenShards
 
+    if windows < 0:
+        raise ValueError(f"windows must be >= 0, got {windows}")
+    if windows == 0:
+        return []
     shards = TokenShards(data_path, split="valid")
     pairs, width = [], context - 1 + continuation
     for doc in range(shards.num_documents):
@@ -173,48 +184,140 @@ def _comparable(config: dict) -> dict:
 def check_same_config(cell_dir: Path, cfg: TrainConfig) -> None:
     """A cell finished or started under another config is an error, not something to reuse."""
     path = cell_dir / "run" / "config.json"  # written by every (re)start of the cell's training
-    if path.is_file() and _comparable(json.loads(path.read_text())) != _comparable(cfg.to_dict()):
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); delete the cell {cell_dir} to rerun it") from None
+    if not isinstance(saved, dict) or _comparable(saved) != _comparable(cfg.to_dict()):
         raise UserError(
             f"{cell_dir} was run with another config (see {path}); use a new --output, or delete the cell to rerun it"
         )
 
 
+def evaluation_options(spec: SweepSpec) -> dict:
+    """What a cell's evaluation numbers depend on besides its model; stored in its ``result.json`` so a
+    rerun with other options recomputes them instead of reprinting stale ones."""
+    return {"windows": spec.windows, "tasks": list(spec.tasks), "limit": spec.eval_limit if spec.tasks else None}
+
+
+def evaluate_cell(model_dir: Path, cfg: TrainConfig, spec: SweepSpec) -> dict:
+    """The evaluation part of a cell's result: prefix vs causal scoring, task scores, and their options."""
+    from dual_lm.folder import load_model
+
+    gap = scoring_gap(load_model(model_dir), cfg.data.path, spec.windows, cfg.data.seq_len)
+    return gap | task_scores(model_dir, spec) | {"evaluation": evaluation_options(spec)}
+
+
+def read_cell_result(path: Path) -> dict:
+    """A finished cell's ``result.json``; one line when it is not one (it is written atomically, so only
+    a hand edit or a damaged disk gets here)."""
+    try:
+        result = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); delete it to recompute the cell") from None
+    if not isinstance(result, dict) or not {"alpha", "repetitions", "curve", "config"} <= set(result):
+        raise UserError(f"{path} is not a sweep cell result; delete it to recompute the cell")
+    return result
+
+
+def _trained_model(cfg: TrainConfig, cell_dir: Path, nproc: int) -> Path:
+    """The cell's exported model: reused when training is complete and the export is there (an export
+    is atomic and made only after training), else trained (or resumed) and exported."""
+    from dual_lm.ownership import is_model_folder
+
+    model_dir, run_dir = cell_dir / "model", Path(cfg.output)
+    found = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    if found and found[-1][0] == cfg.train.steps and model_dir.is_dir() and is_model_folder(model_dir):
+        return model_dir
+    train_cell(cfg, nproc)
+    return export_checkpoint(run_dir, model_dir, overwrite=True)  # a rerun replaces its own
+
+
 def run_cell(base: TrainConfig, alpha: float, repetitions: int, spec: SweepSpec) -> dict:
-    """Train, export and evaluate one cell unless its ``result.json`` exists; returns the result."""
+    """Train, export and evaluate one cell; returns the result. A finished cell (``result.json``) is
+    reused, its evaluation recomputed from its model folder when the evaluation options changed."""
     cell_dir = spec.out_dir / branch_name(alpha, repetitions)
     cfg = cell_config(base, alpha, repetitions, cell_dir)
     check_same_config(cell_dir, cfg)
     done = cell_dir / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
-    train_cell(cfg, spec.nproc)
-    model_dir = export_checkpoint(Path(cfg.output), cell_dir / "model")
+        result = read_cell_result(done)
+        if result.get("evaluation") == evaluation_options(spec):
+            return result
+        print(f"[sweep] {cell_dir.name}: other evaluation options, re-evaluating (no retraining)", flush=True)
+        kept = {k: v for k, v in result.items() if k not in EVAL_KEYS}
+        evaluation = evaluate_cell(_trained_model(cfg, cell_dir, spec.nproc), cfg, spec)
+        result = _ordered(kept, evaluation)
+        write_json_atomic(done, result)
+        return result
+    model_dir = _trained_model(cfg, cell_dir, spec.nproc)
     final, curve = final_metrics(Path(cfg.output))
     result = {"alpha": alpha, "repetitions": repetitions, "name": cell_dir.name, "steps": cfg.train.steps}
     result |= {k: final[k] for k in VAL_KEYS if k in final} | {"tokens": final.get("tokens")}
-    from dual_lm.folder import load_model
-
-    gap = scoring_gap(load_model(model_dir), cfg.data.path, spec.windows, cfg.data.seq_len)
-    result |= gap | task_scores(model_dir, spec)
     result["curve"], result["config"] = curve, cfg.to_dict()
+    result = _ordered(result, evaluate_cell(model_dir, cfg, spec))
     write_json_atomic(done, result)
     return result
+
+
+def _ordered(result: dict, evaluation: dict) -> dict:
+    """The training part, the evaluation, then the curve and config: one key order however it was made."""
+    tail = {k: result[k] for k in ("curve", "config") if k in result}
+    head = {k: v for k, v in result.items() if k not in tail}
+    return head | evaluation | tail
 
 
 # ----------------------------------------------------------------------------- the grid
 
 
+SPEC_FORMAT = "dual-lm-sweep/1"
+
+
+def check_sweep_output(out_dir: Path, base: TrainConfig) -> Path:
+    """``out_dir`` may be new, empty, or a sweep folder (resumed); anything else is refused before any
+    training starts, and so are the places no command replaces (the data folder, one holding it, the
+    current and the home directory)."""
+    from dual_lm.ownership import SWEEP, check_output
+
+    return check_output(out_dir, SWEEP, update=True, sources=(base.data.path,))
+
+
+def spec_record(spec: SweepSpec) -> dict:
+    """``sweep.json``: the marker that makes the folder recognisably a sweep, and the grid that made it."""
+    return {
+        "format": SPEC_FORMAT,
+        "alphas": list(spec.alphas),
+        "repetitions": list(spec.repetitions),
+        "nproc": spec.nproc,
+        "evaluation": evaluation_options(spec),
+    }
+
+
 def run_sweep(base: TrainConfig, spec: SweepSpec) -> list[dict]:
-    """Every cell in order (repetitions outer, alpha inner), then the report; returns the results."""
+    """Every cell in order (repetitions outer, alpha inner), then the report; returns the results.
+
+    The sweep folder is checked first, marked with ``sweep.json`` and held with its lock while the
+    sweep runs, so a second sweep on it is refused rather than mixing cells."""
+    from dual_lm.ownership import exclusive
+
     if not Path(base.data.path).is_dir():
         raise UserError(f"data.path {base.data.path!r} is not a prepare-data folder (see `dual-lm prepare-data`)")
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    check_sweep_output(spec.out_dir, base)
     cells = [(a, r) for r in spec.repetitions for a in spec.alphas]
-    for n, (alpha, reps) in enumerate(cells, 1):
-        print(f"[sweep] cell {n}/{len(cells)}: {branch_name(alpha, reps)}", flush=True)
-        results.append(run_cell(base, alpha, reps, spec))
-    write_report(results, spec.out_dir)
+    with exclusive(spec.out_dir, "sweep"):
+        for alpha, reps in cells:  # every cell before any work, so a refused rerun changes nothing
+            cell_dir = spec.out_dir / branch_name(alpha, reps)
+            check_same_config(cell_dir, cell_config(base, alpha, reps, cell_dir))
+            if (cell_dir / "result.json").is_file():
+                read_cell_result(cell_dir / "result.json")
+        write_json_atomic(spec.out_dir / "sweep.json", spec_record(spec))
+        results = []
+        for n, (alpha, reps) in enumerate(cells, 1):
+            print(f"[sweep] cell {n}/{len(cells)}: {branch_name(alpha, reps)}", flush=True)
+            results.append(run_cell(base, alpha, reps, spec))
+        write_report(results, spec.out_dir)
     return results
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from dual_lm.atomic import temporary_sibling
 from dual_lm.errors import UserError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>" for i in range(11)]
@@ -26,8 +27,9 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
         raise UserError(f"tokenizer file {path} does not exist")
     try:
         tokenizer = Tokenizer.from_file(str(path))
-    except Exception as err:
-        raise UserError(f"{path} is not a tokenizers JSON file: {err}") from None
+    except Exception as err:  # the Rust side raises plain Exception for every parse error
+        detail = " ".join(str(err).split()) or "empty or truncated"
+        raise UserError(f"{path} is not a tokenizers JSON file ({detail}); it may be truncated or corrupt") from None
     wrong = [
         f"{tok} (id {tokenizer.token_to_id(tok)}, expected {i})"
         for i, tok in enumerate(SPECIAL_TOKENS[:5])
@@ -35,6 +37,25 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
     ]
     if wrong:
         raise UserError(f"tokenizer {path} lacks the special tokens at their ids: {', '.join(wrong)}")
+    return tokenizer
+
+
+def tokenizer_vocab_size(tokenizer: Tokenizer) -> int:
+    """How many embedding rows the tokenizer's ids need: one past its largest id, added tokens included."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    return max(vocab.values()) + 1 if vocab else 0
+
+
+def check_tokenizer_fits(path: str | Path, vocab_size: int) -> Tokenizer:
+    """Load ``path`` and refuse it when its ids reach past a model vocabulary of ``vocab_size``: such a
+    pair loads fine and then fails with an IndexError in every later generate or fill."""
+    tokenizer = load_tokenizer_file(path)
+    needed = tokenizer_vocab_size(tokenizer)
+    if needed > vocab_size:
+        raise UserError(
+            f"tokenizer {path} has {needed:,} tokens but the model's vocabulary is {vocab_size:,}: its ids would "
+            "index past the embedding; use the tokenizer the model was trained with"
+        )
     return tokenizer
 
 
@@ -116,9 +137,14 @@ def train_tokenizer(texts, vocab_size: int, total: int | None = None) -> Tokeniz
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_path: str | Path) -> None:
-    """Write the tokenizer JSON through a temporary file and a rename."""
+    """Write the tokenizer JSON through a temporary file (named after this process) and a rename; an
+    error (a full disk) removes the temporary file and leaves ``out_path`` as it was."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tokenizer.save(str(tmp))
-    tmp.replace(out_path)
+    tmp = temporary_sibling(out_path)
+    try:
+        tokenizer.save(str(tmp))
+        tmp.replace(out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -10,34 +10,49 @@ per rank that is checkpointed, so a resumed run continues exactly where the kill
 from __future__ import annotations
 
 import json
+import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dual_lm import __version__
+from dual_lm import __version__, ownership
 from dual_lm.atomic import write_json_atomic, write_text_atomic
-from dual_lm.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from dual_lm.checkpoint import (
+    DamagedCheckpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_leftovers,
+    save_checkpoint,
+)
 from dual_lm.config import TrainConfig, llama_config
 from dual_lm.data import PackedLoader, TokenShards
 from dual_lm.dist import DistInfo, all_keys, barrier, init_distributed, shutdown, sum_across_ranks
 from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
-from dual_lm.objectives import DualObjective, md_ranks, rank_runs_md, rows_for_ar
+from dual_lm.objectives import DualObjective, md_ranks, rank_runs_md, rotation_epoch, rows_for_ar
 from dual_lm.optim import build_optimizer, set_lr_factor, wsd_lr_factor
 
 EVAL_SEED = 1234
+TRAINER_KEYS = ("optimizer", "loader", "generators", "torch_rng", "pending", "world_size")
+
+
+def run_identity(config: dict) -> dict:
+    """What makes two configs the same run: everything but ``output``, so a moved or copied run folder resumes."""
+    return {k: v for k, v in config.items() if k != "output"}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a config means on this world: accumulation steps, MD rank count, tokens per step."""
+    """What a config means on this world: accumulation steps, MD ranks (m of every d), tokens per step."""
 
     accumulation: int
-    md_ranks: int | None
+    md_ranks: tuple[int, int] | None  # (m, d) with 1 - alpha = m/d, for objective.alpha_mode=ranks
     tokens_per_step: int
 
 
@@ -70,8 +85,9 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
     if o.alpha_mode == "ranks":
         try:
             ranks = md_ranks(o.alpha, info.world_size)
+            rotation_epoch(0, t.steps, cfg.data.repetitions)
         except ValueError as err:
-            raise UserError(str(err)) from None
+            raise UserError(f"objective.alpha_mode=ranks: {err}") from None
     for name, value in (
         ("train.global_batch_tokens", t.global_batch_tokens),
         ("log.every", cfg.log.every),
@@ -169,7 +185,7 @@ class Trainer:
 
     def _valid_shards(self) -> TokenShards | None:
         valid = TokenShards(self.cfg.data.path, "valid")
-        if valid.num_tokens + valid.num_documents < self.cfg.data.seq_len + 1:
+        if valid.num_tokens < self.cfg.data.seq_len:  # one packed row needs seq_len (input, target) pairs
             return None
         return valid
 
@@ -225,16 +241,11 @@ class Trainer:
         return out
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint of the run; False when there is none."""
+        """Load the newest checkpoint of the run that reads back whole; False when there is none."""
         found = list_checkpoints(self.run_dir)
         if not found:
             return False
-        step, path = found[-1]
-        weights, state, meta = load_checkpoint(path)
-        if state["world_size"] != self.info.world_size:
-            raise UserError(f"{path} was written by {state['world_size']} rank(s); resume with the same world size")
-        if meta["config"] != self.cfg.to_dict():
-            raise UserError(f"{path} was written with another config; resume with the same config and overrides")
+        step, (weights, state, _) = self._newest_readable(found)
         self.load_states(weights, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         self.generator.set_state(state["generators"][self.info.rank])
@@ -242,6 +253,45 @@ class Trainer:
         self.pending = dict(state["pending"])
         self.step = step
         return True
+
+    def _newest_readable(self, found: list[tuple[int, Path]]) -> tuple[int, tuple[dict, dict, dict]]:
+        """The newest checkpoint whose files read back and fit this model, saying which newer ones were
+        skipped and why (a kill or a full disk while it was copied, bit rot); one line when none does."""
+        skipped = []
+        for step, path in reversed(found):
+            try:
+                loaded = load_checkpoint(path)
+                self._check_same_run(path, loaded[2])
+                self._check_fits(path, *loaded)
+            except DamagedCheckpoint as err:
+                skipped.append(f"{path.name}: {err}")
+                continue
+            if skipped and self.info.is_main:
+                note = f"resuming from {path.name}, the newest readable checkpoint; skipped {'; '.join(skipped)}"
+                print(note, file=sys.stderr)
+            return step, loaded
+        raise UserError(
+            f"none of the {len(found)} checkpoint(s) of {self.run_dir} reads back (newest, {skipped[0]}); "
+            "train again into a new output"
+        )
+
+    def _check_same_run(self, path: Path, meta: dict) -> None:
+        """Another config is the user's mistake, not damage: refused, never skipped."""
+        if run_identity(meta["config"]) != run_identity(self.cfg.to_dict()):
+            raise UserError(f"{path} was written with another config; resume with the same config and overrides")
+
+    def _check_fits(self, path: Path, weights: dict, state: dict, meta: dict) -> None:
+        """A checkpoint whose files parse but hold other tensors or too little state is damaged too."""
+        missing = [k for k in TRAINER_KEYS if k not in state]
+        if missing:
+            raise DamagedCheckpoint(f"{path / 'trainer.pt'} lacks {', '.join(missing)}")
+        if state["world_size"] != self.info.world_size:
+            raise UserError(f"{path} was written by {state['world_size']} rank(s); resume with the same world size")
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in weights.items()}
+        if found != expected:
+            wrong = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
+            raise DamagedCheckpoint(f"{path / 'model.safetensors'} does not hold this model's tensors ({wrong[0]})")
 
     def checkpoint(self) -> None:
         state, weights = self.trainer_state(), self.model_state()
@@ -252,7 +302,8 @@ class Trainer:
                 "tokens": self.step * self.plan.tokens_per_step,
             }
             save_checkpoint(self.run_dir, self.step, weights, state, meta, self.tokenizer)
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.exponential)
+            keep = self.cfg.checkpoint
+            prune_checkpoints(self.run_dir, keep.keep_last, keep.exponential, upto=self.step)
         barrier(self.info)
 
     # ------------------------------------------------------------------ steps
@@ -260,7 +311,9 @@ class Trainer:
         rows = batch.inputs.shape[0]
         if self.plan.md_ranks is None:
             return rows_for_ar(rows, self.cfg.objective.alpha, self.generator)
-        md = rank_runs_md(batch.epoch, self.info.rank, self.info.world_size, self.plan.md_ranks)
+        # the reference's rotation: its epoch counts optimiser steps, not data passes (the loader's batch.epoch)
+        epoch = rotation_epoch(self.step, self.cfg.train.steps, self.cfg.data.repetitions)
+        md = rank_runs_md(epoch, self.info.rank, *self.plan.md_ranks)
         return torch.full((rows,), not md, dtype=torch.bool)
 
     def gradient_sync(self, last: bool):
@@ -379,32 +432,34 @@ def fit(trainer: Trainer, resume: bool) -> dict:
         print(f"no checkpoint in {trainer.run_dir}; starting from step 0")
     if not resume and list_checkpoints(trainer.run_dir):
         raise UserError(f"{trainer.run_dir} already holds checkpoints; pass --resume or choose another output")
+    if info.is_main:  # config.json first: from here on the folder is recognisably a run folder
+        remove_run_leftovers(trainer.run_dir)
+        write_json_atomic(trainer.run_dir / "config.json", cfg.to_dict())
     log = MetricsLog(trainer.run_dir, trainer.step, info.is_main, cfg.log.tensorboard)
     if info.is_main:
-        write_json_atomic(trainer.run_dir / "config.json", cfg.to_dict())
         print(trainer.group_table)
-    bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", unit="step", disable=not info.is_main)
-    last: dict = {}
-    clock, tokens_since = time.perf_counter(), 0
-    while trainer.step < cfg.train.steps:
-        trainer.train_step()
-        tokens_since += trainer.plan.tokens_per_step
-        step = trainer.step
-        final = step == cfg.train.steps
-        if step % cfg.log.every == 0 or final:
-            last = log_record(trainer, tokens_since / max(time.perf_counter() - clock, 1e-9))
-            clock, tokens_since = time.perf_counter(), 0
-            if (cfg.eval.every and step % cfg.eval.every == 0) or final:
-                last.update(trainer.evaluate())
-            log.write(last)
-            bar.set_postfix(
-                {k: f"{last[k]:.3f}" for k in ("loss", "ar_nll", "md_loss") if k in last}
-                | {"tok/s": f"{last['tokens_per_s']:,.0f}"}
-            )
-        if step % cfg.checkpoint.every == 0 or final:
-            trainer.checkpoint()
-        bar.update(1)
-    bar.close()
+    # a with-block: an error (a full disk) ends the bar's line before the one-line message is printed
+    with tqdm(total=cfg.train.steps, initial=trainer.step, desc="train", unit="step", disable=not info.is_main) as bar:
+        last: dict = {}
+        clock, tokens_since = time.perf_counter(), 0
+        while trainer.step < cfg.train.steps:
+            trainer.train_step()
+            tokens_since += trainer.plan.tokens_per_step
+            step = trainer.step
+            final = step == cfg.train.steps
+            if step % cfg.log.every == 0 or final:
+                last = log_record(trainer, tokens_since / max(time.perf_counter() - clock, 1e-9))
+                clock, tokens_since = time.perf_counter(), 0
+                if (cfg.eval.every and step % cfg.eval.every == 0) or final:
+                    last.update(trainer.evaluate())
+                log.write(last)
+                bar.set_postfix(
+                    {k: f"{last[k]:.3f}" for k in ("loss", "ar_nll", "md_loss") if k in last}
+                    | {"tok/s": f"{last['tokens_per_s']:,.0f}"}
+                )
+            if step % cfg.checkpoint.every == 0 or final:
+                trainer.checkpoint()
+            bar.update(1)
     return last
 
 
@@ -427,11 +482,67 @@ def log_record(trainer: Trainer, rate: float) -> dict:
     return record
 
 
+def remove_run_leftovers(run_dir: Path) -> None:
+    """Delete the staging files and folders a killed run left (the caller holds the run's lock, so no
+    live process owns them): half-written checkpoints, checkpoints half-deleted by pruning, and the
+    temporary files of config.json and metrics.jsonl."""
+    removed = remove_leftovers(run_dir)
+    for name in ("config.json", "metrics.jsonl"):
+        removed += ownership.remove_stale_staging(run_dir / name, tags=("tmp",))
+    if removed:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in removed)
+        print(f"removed what a killed run left in {run_dir}: {names}", file=sys.stderr)
+
+
+@contextmanager
+def own_run(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
+    """Check the output and hold the run's lock for the whole run (rank 0), before anything is written.
+
+    The output must be new, empty or a run folder; a model, data or user folder is refused and left
+    as it was. Every rank learns rank 0's outcome through one all-reduce, so a refused run stops on
+    all ranks together instead of leaving the others waiting in a collective. A folder this call
+    created is removed again if the run fails before writing into it.
+    """
+    out = Path(cfg.output)
+    with ExitStack() as stack:
+        refusal: Exception | None = None
+        created = False
+        if info.is_main:
+            try:
+                ownership.check_output(out, ownership.RUN, update=True, sources=(cfg.data.path,))
+                created = not out.exists()
+                stack.enter_context(ownership.exclusive(out, "run"))
+            except (UserError, OSError) as err:
+                refusal = err
+        refused = sum_across_ranks({"refused": float(refusal is not None)}, info)["refused"]
+        if refusal is not None:
+            raise refusal
+        if refused:
+            raise UserError(f"rank 0 refused the output {out} (see its message)")
+        try:
+            yield
+        except BaseException:
+            if created:
+                _remove_if_unused(out)
+            raise
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """Remove a folder the run created if it still holds nothing but the lock file."""
+    entries = list(folder.iterdir()) if folder.is_dir() else None
+    if entries is not None and all(p.name == ownership.LOCK_NAME and p.is_file() for p in entries):
+        for p in entries:
+            p.unlink()
+        folder.rmdir()
+
+
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Entry point of ``dual-lm train`` (also under torchrun)."""
     info = init_distributed()
     try:
-        trainer = Trainer(cfg, info)
-        return fit(trainer, resume)
+        make_plan(cfg, info)  # a bad config is refused before the output is touched
+        with own_run(cfg, info):
+            trainer = Trainer(cfg, info)
+            return fit(trainer, resume)
     finally:
         shutdown(info)

@@ -10,7 +10,7 @@ from dual_lm.evaluation.tasks import TASKS
 
 
 def plot_runs(runs: Sequence[dict], out: str | Path, metric: str = "normalized_acc") -> Path:
-    """One group of bars per task (and Avg), one bar per run; written through a temporary file.
+    """One group of bars per task (and Avg), one bar per run; written atomically, marked as dual-lm's.
 
     A task a run did not score gets no bar (not a zero one); a run whose Avg is over other tasks than
     the chart's says so in its legend entry.
@@ -34,5 +34,4 @@ def plot_runs(runs: Sequence[dict], out: str | Path, metric: str = "normalized_a
     ax.set_ylabel(METRICS[metric])
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out)
+    return _save(fig, out)  # the caller checked ``out`` first (``cli.output_file``)

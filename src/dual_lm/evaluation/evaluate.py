@@ -54,9 +54,15 @@ def resolve_dtype(dtype, folder: Path):
     if name not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if name == "auto":
-        config = json.loads((folder / "config.json").read_text())
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
         saved = config.get("dtype") or config.get("torch_dtype") or "float32"  # transformers 5 / 4 key
-        return getattr(torch, str(saved).removeprefix("torch."), torch.float32)
+        saved = str(saved).removeprefix("torch.")
+        if saved not in DTYPES or saved == "auto":  # never a silent float32 for a dtype we do not know
+            raise UserError(f"{folder / 'config.json'} names dtype {saved!r}; pass one of float32, bfloat16, float16")
+        return getattr(torch, saved)
     return getattr(torch, name)
 
 
@@ -71,7 +77,8 @@ def load_folder(folder: str | Path, device: str = "cpu", dtype=None):
     folder = check_folder(folder)
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"{folder} has no tokenizer.json; evaluation needs a folder that carries its tokenizer")
-    model = load_model(folder).to(device=target, dtype=resolve_dtype(dtype, folder))
+    dtype = resolve_dtype(dtype, folder)  # a bad dtype is refused before the weights are read
+    model = load_model(folder).to(device=target, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(str(folder))
 
 

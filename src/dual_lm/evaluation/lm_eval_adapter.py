@@ -59,13 +59,36 @@ def check_model_args(unknown: dict) -> None:
     raise UserError(f"unknown dual-lm model_args {', '.join(hints)}; valid: {', '.join(MODEL_ARGS)}")
 
 
+def count_arg(name: str, value, low: int = 1) -> int:
+    """A whole-number model arg (lm-eval passes ``2``, ``2.0`` or ``"2"``), at least ``low``; 2.5, true,
+    nan and words are refused rather than rounded or defaulted."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    whole = whole or (isinstance(value, float) and value.is_integer())
+    whole = whole or (isinstance(value, str) and value.strip().lstrip("+-").isdigit())
+    number = int(value) if whole else None
+    if number is None or number < low:
+        raise UserError(f"dual-lm model_args {name}={value!r}: expected a whole number >= {low}")
+    return number
+
+
+def batch_size_arg(value) -> int:
+    """lm-eval's ``--batch_size``: a number, or ``auto`` / ``auto:N`` (fixed batches of 16 here)."""
+    return 16 if str(value).startswith("auto") else count_arg("batch_size", value)
+
+
+def mode_arg(mode) -> str:
+    if mode not in GENERATION_MODES:
+        raise UserError(f"dual-lm model_args mode={mode!r}: choose one of {', '.join(GENERATION_MODES)}")
+    return mode
+
+
 @register_model("dual-lm")
 class DualLMEval(TemplateLM):
     """A dual-lm model folder scored in one of three modes (DESIGN.md section 4)."""
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None = None,
         mode: str = "causal",
         mask_n: int = 1,
         batch_size: int | str = 16,
@@ -77,12 +100,13 @@ class DualLMEval(TemplateLM):
         **unknown,
     ) -> None:
         super().__init__()
-        check_model_args(unknown)
-        bs = 16 if str(batch_size).startswith("auto") else int(batch_size)
-        self.settings = EvalSettings(mode, int(mask_n), bs, progress=True)
-        self.model, self.tokenizer = load_folder(pretrained, pick_device(device), dtype)
-        self.max_gen_toks = int(max_gen_toks)
-        self.diffusion_steps = int(diffusion_steps) if diffusion_steps else None
+        check_model_args(unknown)  # every arg is checked before the model loads, each with one line
+        if pretrained is None or str(pretrained) == "":
+            raise UserError("dual-lm model_args need pretrained=FOLDER (a dual-lm model folder with its tokenizer)")
+        self.settings = EvalSettings(mode_arg(mode), count_arg("mask_n", mask_n), batch_size_arg(batch_size), True)
+        self.max_gen_toks = count_arg("max_gen_toks", max_gen_toks)
+        self.diffusion_steps = None if diffusion_steps is None else count_arg("diffusion_steps", diffusion_steps)
+        self.model, self.tokenizer = load_folder(str(pretrained), pick_device(device), dtype)
 
     @property
     def eot_token_id(self) -> int:

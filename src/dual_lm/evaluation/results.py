@@ -108,9 +108,11 @@ def read_results(path: str | Path) -> dict:
     """A results JSON written by ``dual-lm eval``; one clear error otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} does not exist")
+        raise UserError(f"{path} {'is a folder, not a results file' if path.is_dir() else 'does not exist'}")
     try:
         results = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a `dual-lm eval` results file (it is not text)") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not JSON: {err}") from None
     if not isinstance(results, dict) or results.get("format") != FORMAT:
