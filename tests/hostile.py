@@ -9,6 +9,7 @@ import hashlib
 import io
 import re
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,3 +75,10 @@ def refuses(argv: list, command: str, pattern: str, *roots: Path) -> Outcome:
     assert_refused(outcome, command, pattern)
     assert_unchanged(before, snapshot(*roots))
     return outcome
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (for staging names of a killed writer)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

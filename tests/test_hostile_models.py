@@ -31,8 +31,8 @@ from dual_lm.config import PRESETS, llama_config
 from dual_lm.convert import hf_to_reference_name
 from dual_lm.folder import check_folder, load_model, save_folder
 from dual_lm.ownership import LOCK_NAME, exclusive
+from hostile import dead_pid, run_cli, snapshot
 from hostile import refuses as _refuses
-from hostile import run_cli, snapshot
 
 SHAPE = dataclasses.replace(PRESETS["tiny"], max_position_embeddings=64)  # vocab 512
 REFERENCE_CONFIG = {
@@ -73,13 +73,6 @@ def refuses(argv: list, command: str, pattern: str, root: Path):
 def same_tensors(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
     found = load_file(str(folder / "model.safetensors"))
     return set(found) == set(expected) and all(torch.equal(found[k], expected[k]) for k in expected)
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 # ------------------------------------------------------------------------------ shared artefacts

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dual_lm import checkpoint, ownership
 from dual_lm.checkpoint import list_checkpoints, load_checkpoint
-from hostile import assert_refused, refuses, run_cli
+from hostile import assert_refused, dead_pid, refuses, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -285,7 +285,8 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(data_dir, finished, t
     for folder in leftovers:
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
-    files = [run / ".config.json.tmp-99999", run / ".metrics.jsonl.tmp-4242"]  # atomic writes killed half-way
+    pid = dead_pid()
+    files = [run / f".config.json.tmp-{pid}", run / f".metrics.jsonl.tmp-{pid}"]  # atomic writes killed half-way
     for path in files:
         path.write_text("half")
     mine = run / "checkpoints" / "my-notes.txt"

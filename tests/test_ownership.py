@@ -80,8 +80,10 @@ def test_protected_places_are_refused_even_when_of_the_kind(tmp_path, monkeypatc
     monkeypatch.chdir(run)
     with pytest.raises(UserError, match="current directory"):
         ownership.check_output(Path("."), ownership.RUN, update=True)
+    with pytest.raises(UserError, match="holds the current directory"):
+        ownership.check_output(tmp_path, ownership.RUN, update=True)
     monkeypatch.setenv("HOME", str(run))
-    monkeypatch.chdir(run / "checkpoints")
+    monkeypatch.chdir("/")
     with pytest.raises(UserError, match="home directory"):
         ownership.check_output(run, ownership.RUN, update=True)
     monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
@@ -148,13 +150,15 @@ def test_staging_follows_the_umask_and_stale_ones_are_removed(tmp_path):
     dead.wait()
     stale = tmp_path / f".out.tmp-{dead.pid}-abcd1234"
     stale.mkdir()
-    legacy = tmp_path / ".out.old-k3j4h5g6"
+    legacy = tmp_path / ".out.old-k3j4h5g6"  # an earlier dual-lm's
     legacy.mkdir()
-    unrelated = tmp_path / ".other.tmp-1-abcd"
-    unrelated.mkdir()
+    users = [tmp_path / ".other.tmp-1-abcd", tmp_path / ".out.tmp-backup", tmp_path / ".out.old-my_copy_of_it"]
+    for path in users:
+        path.mkdir()
+    target.mkdir()  # the replacement finished: what is set aside is stale
     removed = ownership.remove_stale_staging(target)
     assert sorted(removed) == sorted([stale, legacy])
-    assert staging.is_dir() and unrelated.is_dir()  # a live process's staging and other names stay
+    assert staging.is_dir() and all(p.is_dir() for p in users)  # a live process's staging and user names stay
 
 
 def test_atomic_write_leaves_nothing_on_a_failed_write(tmp_path, monkeypatch):
@@ -216,17 +220,20 @@ def test_a_locked_folder_is_refused_with_the_holders_pid_before_it_looks_like_it
         assert ownership.lock_holder(folder) is None
 
 
-@pytest.mark.parametrize("copied", [True, False], ids=["new-copy-complete", "no-new-copy"])
-def test_a_kill_between_the_renames_of_a_replacement_leaves_one_whole_folder(tmp_path, copied):
+@pytest.mark.parametrize(
+    ("copied", "legacy"), [(True, False), (False, False), (True, True)], ids=["new-copy", "no-new-copy", "legacy-names"]
+)
+def test_a_kill_between_the_renames_of_a_replacement_leaves_one_whole_folder(tmp_path, copied, legacy):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     target = tmp_path / "model"
-    old = tmp_path / f".model.old-{dead.pid}-abcd1234"  # the old folder, set aside
+    old_tail, new_tail = ("k3j_x9qa", "k3j_x9qa") if legacy else (f"{dead.pid}-abcd1234", f"{dead.pid}-1234abcd")
+    old = tmp_path / f".model.old-{old_tail}"  # the old folder, set aside
     old.mkdir()
     (old / "weights").write_text("old")
     if copied:  # the complete new one, not yet renamed in
-        (tmp_path / f".model.tmp-{dead.pid}-1234abcd").mkdir()
-        (tmp_path / f".model.tmp-{dead.pid}-1234abcd" / "weights").write_text("new")
+        (tmp_path / f".model.tmp-{new_tail}").mkdir()
+        (tmp_path / f".model.tmp-{new_tail}" / "weights").write_text("new")
     with pytest.raises(UserError, match="a folder with 1 entry"):  # the check finds the repaired folder
         ownership.check_output(target, ownership.MODEL)
     assert (target / "weights").read_text() == ("new" if copied else "old")

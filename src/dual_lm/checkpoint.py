@@ -60,10 +60,15 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final.exists():  # a re-save of the same step after a resume: move the old one aside first
-        _discard(final)
-    staging.rename(final)
+    trash = final.with_name(f".trash-{final.name}")
+    if final.exists():  # a re-save of the same step after a resume: the old one goes aside first
+        if trash.exists():
+            shutil.rmtree(trash)
+        final.rename(trash)
+    staging.rename(final)  # a kill before this line: remove_leftovers renames the complete staging in
     fsync_dir(final.parent)
+    if trash.exists():
+        shutil.rmtree(trash)
     return final
 
 
@@ -82,10 +87,19 @@ _LEFTOVER = re.compile(r"\.step-\d{8}\.tmp|\.trash-step-\d{8}")
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Delete what a killed save or prune left in ``RUN/checkpoints`` (``.step-*.tmp`` staging folders,
-    ``.trash-step-*`` folders); returns them. Only the holder of the run's lock may call this."""
+    ``.trash-step-*`` folders); returns them. Only the holder of the run's lock may call this.
+
+    A kill in the middle of a re-save (old step set aside as ``.trash-step-N``, the new one complete in
+    ``.step-N.tmp``, no ``step-N``) is finished first: the complete staging is renamed in, so the step
+    is never lost.
+    """
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
+    for trash in folder.glob(".trash-step-*"):
+        final, staging = folder / trash.name[len(".trash-") :], folder / f".{trash.name[len('.trash-') :]}.tmp"
+        if not final.exists() and staging.is_dir() and _LEFTOVER.fullmatch(trash.name):
+            staging.rename(final)  # without a staging copy, the trash is a prune's: it stays deleted
     found = sorted(p for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name))
     for path in found:
         if path.is_dir() and not path.is_symlink():

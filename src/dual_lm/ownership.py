@@ -67,29 +67,47 @@ def is_run_folder(path: Path) -> bool:
     return checkpoints.is_dir() and any(p.name.startswith(("step-", ".step-")) for p in checkpoints.iterdir())
 
 
-_DATA_FILE = re.compile(
-    r"(manifest\.json|tokenizer\.json|(valid|train-\d{5})\.(tokens|docs\.npy|json))"
-    r"|\.(manifest\.json|tokenizer\.json|(valid|train-\d{5})\.(tokens|docs|json))\.tmp.*"
-)
+_DATA_FILE = re.compile(r"manifest\.json|tokenizer\.json|(valid|train-\d{5})\.(tokens|docs\.npy|json)")
+DATA_TEMPORARY = re.compile(r"\.(manifest\.json|tokenizer\.json|(valid|train-\d{5})\.(tokens|docs|json))\.tmp.*")
+
+
+def _is_shard_marker(path: Path) -> bool:
+    marker = _json(path) if path.suffix == ".json" and path.name not in ("manifest.json", "tokenizer.json") else None
+    return isinstance(marker, dict) and "format" in marker and "tokenizer_sha256" in marker
 
 
 def is_data_folder(path: Path) -> bool:
+    """A manifest, or a killed prepare-data's folder: only prepare-data's file names, and at least one
+    piece of dual-lm's own evidence (a shard marker or a temporary file), so that a folder holding
+    just a ``tokenizer.json`` of the user's is not taken for one."""
     manifest = _json(path / "manifest.json")
     if isinstance(manifest, dict) and "shards" in manifest and "tokenizer_sha256" in manifest:
         return True
     entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
-    return bool(entries) and all(p.is_file() and _DATA_FILE.fullmatch(p.name) for p in entries)
+    ours = all(p.is_file() and (_DATA_FILE.fullmatch(p.name) or DATA_TEMPORARY.fullmatch(p.name)) for p in entries)
+    evidence = any(DATA_TEMPORARY.fullmatch(p.name) or _is_shard_marker(p) for p in entries)
+    return bool(entries) and ours and evidence
 
 
 _CELL = re.compile(r"alpha_\d\.\d{3}_n-reps=\d+")
-_SWEEP_FILES = {"sweep.json", "results.json", "results.md", "heatmap.png", "curves.png"}
+
+
+def _is_sweep_report(path: Path) -> bool:
+    if path.name == "results.json":
+        return isinstance(_json(path), dict) and "cells" in _json(path)
+    if path.name in ("heatmap.png", "curves.png"):
+        return is_dual_lm_png(path)
+    return path.name == "results.md"
 
 
 def is_sweep_folder(path: Path) -> bool:
+    """``sweep.json``, or (a sweep of an earlier dual-lm) cell folders and report files that dual-lm
+    wrote; a folder of the user's ``results.json`` is not one."""
     if (path / "sweep.json").is_file():
         return True
     entries = [p for p in path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".")]
-    return bool(entries) and all(p.name in _SWEEP_FILES or (p.is_dir() and _CELL.fullmatch(p.name)) for p in entries)
+    cells = [p for p in entries if p.is_dir() and _CELL.fullmatch(p.name)]
+    return bool(cells) and all(p in cells or (p.is_file() and _is_sweep_report(p)) for p in entries)
 
 
 def is_results_file(path: Path) -> bool:
@@ -110,7 +128,7 @@ def is_dual_lm_png(path: Path) -> bool:
 def is_generations_file(path: Path) -> bool:
     try:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
-        return all(set(json.loads(line)) == {"prompt", "text"} for line in lines)
+        return bool(lines) and all(set(json.loads(line)) == {"prompt", "text"} for line in lines)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
         return False
 
@@ -156,6 +174,8 @@ def _protected(path: Path, sources: tuple[Path, ...]) -> str | None:
     real = path.resolve()
     if real == Path.cwd().resolve():
         return "the current directory"
+    if Path.cwd().resolve().is_relative_to(real):
+        return "a folder that holds the current directory"
     if real == Path.home().resolve():
         return "the home directory"
     if real == Path(real.anchor):
@@ -291,36 +311,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _staging_pid(rest: str) -> int | None:
-    """The pid in a staging name's tail ``PID`` or ``PID-RANDOM``; None for names without one (an older
-    dual-lm's ``RANDOM`` only)."""
-    head = rest.split("-", 1)[0]
-    return int(head) if head.isdigit() and (rest == head or rest[len(head) + 1 :].isalnum()) else None
+# the staging names dual-lm writes: folders .NAME.TAG-PID-HEX8, files .NAME.tmp-PID, and an earlier
+# dual-lm's folders .NAME.TAG-XXXXXXXX (tempfile's 8 characters; a replaced folder's .old- shared them)
+_STAGING_TAIL = re.compile(r"(?P<pid>\d+)(-[0-9a-f]{8})?|(?P<legacy>[a-z0-9_]{8})")
+
+
+def _stale_staging(target: Path, tags: tuple[str, ...]) -> dict[tuple[str, str], list[Path]]:
+    """The staging siblings of ``target`` whose writer is gone, by (tag, key): the key is the writer's
+    pid, or an earlier dual-lm's 8-character suffix. Names dual-lm does not write are never listed."""
+    prefix = f".{target.name}."
+    stale: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(target.parent.iterdir()):
+        tag, _, tail = path.name[len(prefix) :].partition("-") if path.name.startswith(prefix) else ("", "", "")
+        match = _STAGING_TAIL.fullmatch(tail) if tag in tags else None
+        if match is None or (match["pid"] and _alive(int(match["pid"]))):
+            continue
+        stale.setdefault((tag, match["pid"] or match["legacy"]), []).append(path)
+    return stale
 
 
 def remove_stale_staging(target: Path, tags: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
-    """Clear the ``.NAME.TAG-*`` siblings of ``target`` left by processes that are gone; returns them.
+    """Clear the staging siblings of ``target`` left by processes that are gone; returns what it removed.
 
     Staging copies (``tmp``) and replaced folders set aside (``old``) are deleted, except when
     ``target`` itself is missing and an ``old`` one is there: then a kill came between the two renames
-    of a replacement, and the replacement is finished (the same process's complete ``tmp`` copy is
-    renamed in; a copy is renamed only once written whole) or, without one, the old folder is renamed
-    back. The caller finds the previous artefact or the new one, never neither.
+    of a replacement, and the replacement is finished (the same writer's ``tmp`` copy is renamed in; a
+    copy is renamed only once written whole) or, without one, the old folder is renamed back. The
+    caller finds the previous artefact or the new one, never neither.
     """
     if not target.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.({'|'.join(tags)})-([0-9A-Za-z_-]+)")
-    stale: dict[tuple[str, int | None], list[Path]] = {}
-    for path in sorted(target.parent.iterdir()):
-        match = pattern.fullmatch(path.name)
-        pid = _staging_pid(match.group(2)) if match else None
-        if match is not None and not (pid is not None and _alive(pid)):
-            stale.setdefault((match.group(1), pid), []).append(path)
+    stale = _stale_staging(target, tags)
     if not target.exists() and not target.is_symlink():
-        for (tag, pid), paths in stale.items():
-            if tag == "old" and pid is not None:
-                finished = stale.get(("tmp", pid), [])
-                (finished or paths)[0].rename(target)
+        for (tag, key), paths in stale.items():
+            if tag == "old":
+                (stale.get(("tmp", key)) or paths).pop(0).rename(target)
                 break
     removed = [path for paths in stale.values() for path in paths]
     for path in removed:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -175,9 +174,6 @@ def shard_bounds(first: int, total: int, shards: int) -> list[tuple[int, int]]:
     return list(pairwise(edges))
 
 
-_TEMPORARY = re.compile(r"\.(manifest\.json|tokenizer\.json|(valid|train-\d{5})\.(tokens|docs|json))\.tmp.*")
-
-
 def check_output_folder(request: PrepareRequest) -> Path:
     """The output must be new, empty or a prepare-data folder (a killed run's partial folder counts, so a
     re-run resumes it); never a model folder (its tokenizer.json would be replaced), another folder, an
@@ -189,7 +185,9 @@ def check_output_folder(request: PrepareRequest) -> Path:
 def remove_temporaries(out: Path) -> list[Path]:
     """Delete the temporary files of shards, markers, the tokenizer copy and the manifest (the caller
     holds the folder's lock: they belong to a failed or killed run); committed shards stay."""
-    found = sorted(p for p in out.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file()) if out.is_dir() else []
+    if not out.is_dir():
+        return []
+    found = sorted(p for p in out.iterdir() if ownership.DATA_TEMPORARY.fullmatch(p.name) and p.is_file())
     for path in found:
         path.unlink()
     return found

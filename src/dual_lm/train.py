@@ -10,6 +10,7 @@ per rank that is checkpointed, so a resumed run continues exactly where the kill
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -61,6 +62,14 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
     o, t = cfg.objective, cfg.train
     if not 0.0 <= o.alpha <= 1.0:
         raise UserError(f"objective.alpha must lie in [0, 1], got {o.alpha}")
+    for name, value, low, strict in (
+        ("optim.lr", cfg.optim.lr, 0.0, True),
+        ("optim.weight_decay", cfg.optim.weight_decay, 0.0, False),
+        ("objective.ar_weight", o.ar_weight, 0.0, True),
+        ("objective.z_loss", o.z_loss, 0.0, False),
+    ):
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise UserError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
     if o.alpha_mode not in ("rows", "ranks"):
         raise UserError(f"objective.alpha_mode must be 'rows' or 'ranks', got {o.alpha_mode!r}")
     for name, value in (
@@ -245,7 +254,14 @@ class Trainer:
         found = list_checkpoints(self.run_dir)
         if not found:
             return False
-        step, (weights, state, _) = self._newest_readable(found)
+        try:
+            step, (weights, state, _) = self._newest_readable(found)
+            failure = None
+        except UserError as err:
+            step, failure = -1, err
+        self._agree_on_step(step)
+        if failure is not None:
+            raise failure
         self.load_states(weights, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         self.generator.set_state(state["generators"][self.info.rank])
@@ -253,6 +269,17 @@ class Trainer:
         self.pending = dict(state["pending"])
         self.step = step
         return True
+
+    def _agree_on_step(self, step: int) -> None:
+        """Every rank must resume from the same step (a rank-local read error would otherwise leave the
+        ranks in different collectives): one all-reduce, and the same error on every rank if not."""
+        sums = sum_across_ranks({"ranks": 1.0, "step": float(step), "square": float(step) ** 2}, self.info)
+        mean = sums["step"] / sums["ranks"]
+        if sums["square"] / sums["ranks"] - mean**2 > 1e-6:
+            raise UserError(
+                f"the ranks found different newest readable checkpoints in {self.run_dir}; "
+                "check that every rank sees the same run folder"
+            )
 
     def _newest_readable(self, found: list[tuple[int, Path]]) -> tuple[int, tuple[dict, dict, dict]]:
         """The newest checkpoint whose files read back and fit this model, saying which newer ones were
@@ -432,6 +459,7 @@ def fit(trainer: Trainer, resume: bool) -> dict:
         print(f"no checkpoint in {trainer.run_dir}; starting from step 0")
     if not resume and list_checkpoints(trainer.run_dir):
         raise UserError(f"{trainer.run_dir} already holds checkpoints; pass --resume or choose another output")
+    check_started_alike(trainer.run_dir, cfg)
     if info.is_main:  # config.json first: from here on the folder is recognisably a run folder
         remove_run_leftovers(trainer.run_dir)
         write_json_atomic(trainer.run_dir / "config.json", cfg.to_dict())
@@ -480,6 +508,20 @@ def log_record(trainer: Trainer, rate: float) -> dict:
     }
     trainer.pending = {}
     return record
+
+
+def check_started_alike(run_dir: Path, cfg: TrainConfig) -> None:
+    """A run folder started with another config (killed before its first checkpoint) is not taken
+    over by a fresh start: its config.json and metrics.jsonl would be replaced."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        started = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        started = None
+    if not isinstance(started, dict) or run_identity(started) != run_identity(cfg.to_dict()):
+        raise UserError(f"{run_dir} was started with another config (see {path}); choose another output")
 
 
 def remove_run_leftovers(run_dir: Path) -> None:
