@@ -1,6 +1,6 @@
 """Data pipeline throughput: prepare-data vs the reference path, loader tokens/s, loader memory vs corpus size.
 
-    .venv/bin/python bench/data.py [--copies 2] [--tokenizer ../shared/reference/tokenizer-51200.json]
+    .venv/bin/python bench/data.py [--copies 2] [--tokenizer tests/fixtures/reference/tokenizer-51200.json]
 
 The corpus is the embedded one (corpus:shakespeare) repeated --copies times as JSONL. The
 reference path encodes one document at a time and saves a list of tensors with torch.save, as
@@ -54,7 +54,7 @@ def reference_path(tokenizer_path: str, docs: list[str], out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", default="../shared/reference/tokenizer-51200.json")
+    parser.add_argument("--tokenizer", default="tests/fixtures/reference/tokenizer-51200.json")
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--loader-seconds", type=float, default=5.0)
     args = parser.parse_args()

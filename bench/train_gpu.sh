@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 tok="${1:-}"
 if [[ -z "$tok" ]]; then
-  for candidate in shared/reference/tokenizer-51200.json ../shared/reference/tokenizer-51200.json; do
+  for candidate in tests/fixtures/reference/tokenizer-51200.json ../shared/reference/tokenizer-51200.json; do
     [[ -f "$candidate" ]] && tok="$candidate" && break
   done
 fi

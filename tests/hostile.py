@@ -36,13 +36,16 @@ def run_cli(argv: list[str]) -> Outcome:
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
     """Every file and folder under ``roots``: its content hash (files), mode and, for folders, nothing
-    more (entries are listed themselves)."""
+    more (entries are listed themselves). The one exemption is ``.dual-lm.lock``: taking a lock
+    records the taker's pid in it, also when the command is refused after taking it."""
     seen: dict[str, tuple] = {}
     for root in roots:
         root = Path(root)
         if not root.exists():
             continue
         for path in [root, *sorted(root.rglob("*"))]:
+            if path.name == ".dual-lm.lock":
+                continue
             info = path.lstat()
             if stat.S_ISREG(info.st_mode):
                 seen[str(path)] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), info.st_mode)

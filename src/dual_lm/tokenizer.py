@@ -7,7 +7,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from dual_lm.atomic import temporary_sibling
+from dual_lm.atomic import write_text_atomic
 from dual_lm.errors import UserError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>" for i in range(11)]
@@ -137,14 +137,6 @@ def train_tokenizer(texts, vocab_size: int, total: int | None = None) -> Tokeniz
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_path: str | Path) -> None:
-    """Write the tokenizer JSON through a temporary file (named after this process) and a rename; an
-    error (a full disk) removes the temporary file and leaves ``out_path`` as it was."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out_path)
-    try:
-        tokenizer.save(str(tmp))
-        tmp.replace(out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write the tokenizer JSON atomically (``write_text_atomic``: an error or a kill leaves
+    ``out_path`` as it was)."""
+    write_text_atomic(Path(out_path), tokenizer.to_str())
