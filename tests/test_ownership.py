@@ -114,20 +114,22 @@ def test_unwritable_parent(tmp_path):
         ownership.check_output(locked / "out", ownership.MODEL)
 
 
+def start_holder(folder: Path) -> subprocess.Popen:
+    """A process that holds ``folder``'s lock (and writes a file into it) until it is killed."""
+    code = (
+        "import time; from pathlib import Path; from dual_lm.ownership import exclusive\n"
+        f"with exclusive({str(folder)!r}):\n"
+        f"    Path({str(folder)!r}, 'half-written').write_text('x'); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
     folder = tmp_path / "run"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from dual_lm.ownership import exclusive\n"
-            f"with exclusive({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = start_holder(folder)
     try:
-        assert holder.stdout.readline().strip() == "held"
         refused = pytest.raises(UserError, match=rf"in use by another dual-lm process \(pid {holder.pid}\)")
         with refused, ownership.exclusive(folder, "run"):
             pass
@@ -197,19 +199,8 @@ def test_png_kind(tmp_path):
 
 def test_a_locked_folder_is_refused_with_the_holders_pid_before_it_looks_like_its_kind(tmp_path):
     folder = tmp_path / "run"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; from pathlib import Path; from dual_lm.ownership import exclusive\n"
-            f"with exclusive({str(folder)!r}):\n"
-            f"    Path({str(folder)!r}, 'half-written').write_text('x'); print('held', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = start_holder(folder)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=rf"in use by another dual-lm process \(pid {holder.pid}\)"):
             ownership.check_output(folder, ownership.RUN, update=True)
     finally:
