@@ -85,3 +85,88 @@ def finished_run(data_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("edges") / "run"
     assert run_cli(train_argv(data_dir, run)).code == 0
     return run
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("model.rms_norm_eps=0", r"model\.rms_norm_eps must be a positive number"),
+        ("model.num_heads=3", r"not a multiple of num_heads=3"),
+        ("model.head_dim=15", r"model\.head_dim 15 must be even"),
+        ("model.hidden_size=-64", r"model\.hidden_size must be an integer in \[1, "),
+        ("model.num_layers=0", r"model\.num_layers must be an integer in \[1, "),
+        ("model.intermediate_size=0", r"model\.intermediate_size must be an integer"),
+        ("checkpoint.keep_last=-1", r"checkpoint\.keep_last must be >= 0"),
+    ],
+)
+def test_model_shapes_no_model_can_have_are_refused(data_dir, tmp_path, override, pattern):
+    run = tmp_path / "run"
+    refuses([*train_argv(data_dir, run), override], "train", pattern, data_dir)
+    assert not run.exists()
+
+
+def test_an_integer_norm_eps_trains(data_dir, tmp_path):
+    outcome = run_cli([*train_argv(data_dir, tmp_path / "run", train__steps=1), "model.rms_norm_eps=1"])
+    assert outcome.code == 0, outcome.err
+
+
+def test_users_folders_named_like_staging_are_never_touched(tmp_path):
+    from hostile import dead_pid
+
+    pid = dead_pid()
+    target = tmp_path / "model"
+    users = [
+        f".model.old-{pid}",
+        ".model.old-20240101",
+        ".model.old-backup01",
+        f".model.tmp-{pid}-abcd",
+        ".model.tmp-k3j_x9qa",
+    ]
+    for name in users:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+    for overwrite_target in (False, True):
+        if overwrite_target:
+            target.mkdir()
+        assert ownership.remove_stale_staging(target) == []
+        assert all((tmp_path / name / "notes.txt").read_text() == "mine" for name in users)
+    assert sorted(p.name for p in target.iterdir()) == []
+
+
+def test_a_lock_path_that_is_a_folder_or_a_link_is_one_line(data_dir, tmp_path):
+    folder = tmp_path / "out"
+    (folder / ".dual-lm.lock").mkdir(parents=True)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the king loves him\n")
+    argv = ["prepare-data", "--tokenizer", data_dir / "tokenizer.json", "--input", corpus, "--output", folder]
+    refuses(argv, "prepare-data", r"exists and is a folder with 1 entry", folder)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    with pytest.raises(ownership.UserError, match="a folder or a link, not dual-lm's lock file"):
+        link_folder = tmp_path / "linked"
+        link_folder.mkdir()
+        (link_folder / ".dual-lm.lock").symlink_to(victim)
+        with ownership.exclusive(link_folder):
+            pass
+    assert victim.read_text() == "the user's file"
+
+
+def test_prepare_data_options_found_impossible_late_leave_no_new_folder(data_dir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the king loves him. a fool fears us.\n")
+    base = ["prepare-data", "--tokenizer", data_dir / "tokenizer.json", "--input", corpus]
+    for extra, pattern in ((["--num-shards", "1000"], r"--num-shards"), (["--valid-tokens", "100000"], r"--valid")):
+        out = tmp_path / f"new{extra[0]}"
+        refuses([*base, "--output", out, *extra], "prepare-data", pattern, corpus)
+        assert not out.exists()
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    import builtins
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(builtins, "print", closed)
+    outcome = run_cli(["recommend-alpha", "--repetitions", "4"])
+    assert outcome.code == 141 and "Traceback" not in outcome.err

@@ -410,9 +410,9 @@ FOLDER_CASES = {
     ),
     "plain Llama config (no mask_token_id)": (_drop("mask_token_id"), r"lacks mask_token_id"),
     "config.json holding a list": (lambda c: c.edit_config(lambda config: [config]), r"holds a JSON list"),
-    "null heads": (_set(num_attention_heads=None), r"num_attention_heads must be a positive integer, got None"),
-    "zero layers": (_set(num_hidden_layers=0), r"num_hidden_layers must be a positive integer, got 0"),
-    "string hidden size": (_set(hidden_size="64"), r"hidden_size must be a positive integer, got '64'"),
+    "null heads": (_set(num_attention_heads=None), r"num_attention_heads must be an integer in \[1, \d+\], got None"),
+    "zero layers": (_set(num_hidden_layers=0), r"num_hidden_layers must be an integer in \[1, \d+\], got 0"),
+    "string hidden size": (_set(hidden_size="64"), r"hidden_size must be an integer in \[1, \d+\], got '64'"),
     "heads that do not divide hidden": (_set(num_attention_heads=3, head_dim=None), r"not a multiple of 3 heads"),
     "missing rms_norm_eps": (_drop("rms_norm_eps"), r"rms_norm_eps must be a positive number, got None"),
     "vocabulary larger than the weights": (
@@ -554,7 +554,7 @@ def test_exported_folder_follows_the_umask(ctx, umask):
 
 def test_stale_staging_is_removed_by_the_next_export(ctx):
     pid = dead_pid()
-    stale = [ctx.tmp / f".out.tmp-{pid}-0a1b2c3d", ctx.tmp / ".out.tmp-0a1b2c3d"]  # this and an older dual-lm's
+    stale = [ctx.tmp / f".out.tmp-{pid}-0a1b2c3d", ctx.tmp / f".out.tmp-{pid}-1b2c3d4e"]
     for folder in stale:
         folder.mkdir()
         (folder / "config.json").write_text("{")

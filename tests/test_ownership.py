@@ -152,14 +152,15 @@ def test_staging_follows_the_umask_and_stale_ones_are_removed(tmp_path):
     dead.wait()
     stale = tmp_path / f".out.tmp-{dead.pid}-abcd1234"
     stale.mkdir()
-    legacy = tmp_path / ".out.old-k3j4h5g6"  # an earlier dual-lm's
-    legacy.mkdir()
+    legacy = [tmp_path / ".out.old-k3j4h5g6", tmp_path / ".out.tmp-k3j4h5g6"]  # an earlier dual-lm's pair
+    for path in legacy:
+        path.mkdir()
     users = [tmp_path / ".other.tmp-1-abcd", tmp_path / ".out.tmp-backup", tmp_path / ".out.old-my_copy_of_it"]
     for path in users:
         path.mkdir()
     target.mkdir()  # the replacement finished: what is set aside is stale
     removed = ownership.remove_stale_staging(target)
-    assert sorted(removed) == sorted([stale, legacy])
+    assert sorted(removed) == sorted([stale, *legacy])
     assert staging.is_dir() and all(p.is_dir() for p in users)  # a live process's staging and user names stay
 
 

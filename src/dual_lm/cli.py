@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -567,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"dual-lm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (``dual-lm ... | head``): stop quietly, as a shell tool does
+        with contextlib.suppress(OSError, ValueError):  # no descriptor (stdout is not a file)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as err:
         message = environment_error(err)
         if message is None:

@@ -58,6 +58,26 @@ def preset(name: str, **overrides) -> ModelShape:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
+MAX_SIZE = 1 << 31  # above any real model's dimension; larger values overflow torch's shape arithmetic
+
+
+def check_shape(shape: ModelShape) -> None:
+    """ValueError unless every size is an integer in [1, MAX_SIZE], the heads divide the hidden size,
+    the head size is even (rotary embeddings rotate pairs) and rope theta and the norm eps are positive."""
+    for name in ("num_layers", "hidden_size", "num_heads", "head_dim", "intermediate_size", "vocab_size"):
+        value = getattr(shape, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            raise ValueError(f"model.{name} must be an integer in [1, {MAX_SIZE}], got {value!r}")
+    if shape.hidden_size % shape.num_heads:
+        raise ValueError(f"model.hidden_size {shape.hidden_size} is not a multiple of num_heads={shape.num_heads}")
+    if shape.head_dim % 2:
+        raise ValueError(f"model.head_dim {shape.head_dim} must be even for rotary embeddings")
+    for name in ("rope_theta", "rms_norm_eps"):
+        value = getattr(shape, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"model.{name} must be a positive number, got {value!r}")
+
+
 def llama_config(shape: ModelShape, task_attention: str = "bidirectional", **extra) -> LlamaConfig:
     """A ``LlamaConfig`` for ``shape`` with the special-token ids and our own keys."""
     return LlamaConfig(
@@ -69,7 +89,7 @@ def llama_config(shape: ModelShape, task_attention: str = "bidirectional", **ext
         num_key_value_heads=shape.num_heads,
         head_dim=shape.head_dim,
         max_position_embeddings=shape.max_position_embeddings,
-        rms_norm_eps=shape.rms_norm_eps,
+        rms_norm_eps=float(shape.rms_norm_eps),
         rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_theta)},
         hidden_act="silu",
         tie_word_embeddings=False,

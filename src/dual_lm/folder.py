@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from dual_lm.atomic import fsync_dir, settle_folder
+from dual_lm.config import MAX_SIZE
 from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import (
     ATTENTION_MODES,
@@ -71,8 +72,8 @@ def _read_json(path: Path, folder: Path) -> object:
 
 def _positive_int(config: dict, key: str, folder: Path) -> int:
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _broken(folder, f"config.json: {key} must be a positive integer, got {value!r}; {REMEDY}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise _broken(folder, f"config.json: {key} must be an integer in [1, {MAX_SIZE}], got {value!r}; {REMEDY}")
     return value
 
 

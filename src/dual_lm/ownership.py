@@ -162,7 +162,7 @@ def describe(path: Path) -> str:
         with contextlib.suppress(OSError):
             if kind.test(path):
                 return f"a {kind.name}"
-    count = sum(1 for p in path.iterdir() if p.name != LOCK_NAME)
+    count = sum(1 for p in path.iterdir() if not _is_lock_file(p))
     return f"a folder with {count} entr{'y' if count == 1 else 'ies'}"
 
 
@@ -198,6 +198,10 @@ def _writable_parent(path: Path) -> None:
         raise UserError(f"cannot create {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: permission denied in {parent}")
+
+
+def _is_lock_file(path: Path) -> bool:
+    return path.name == LOCK_NAME and path.is_file() and not path.is_symlink()
 
 
 def lock_holder(folder: Path) -> str | None:
@@ -237,7 +241,7 @@ def check_output(path: str | Path, kind: Kind, *, update: bool = False, sources=
     holder = lock_holder(path) if path.is_dir() else None
     if holder is not None:  # a live writer's folder may not look like its kind yet
         raise UserError(f"{path} is in use by another dual-lm process (pid {holder}); wait for it to finish or stop it")
-    if kind.is_dir and path.is_dir() and not any(p.name != LOCK_NAME for p in path.iterdir()):
+    if kind.is_dir and path.is_dir() and all(_is_lock_file(p) for p in path.iterdir()):
         _check_writable(path)
         return path
     same = path.is_dir() == kind.is_dir and kind.test(path)
@@ -274,7 +278,12 @@ def exclusive(folder: str | Path, what: str = "folder") -> Iterator[None]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # never through a link, never a folder: the lock file is dual-lm's own plain file
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno in (errno.EISDIR, errno.ELOOP):
+            raise UserError(f"{folder / LOCK_NAME} is a folder or a link, not dual-lm's lock file; remove it") from None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -311,22 +320,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# the staging names dual-lm writes: folders .NAME.TAG-PID-HEX8, files .NAME.tmp-PID, and an earlier
-# dual-lm's folders .NAME.TAG-XXXXXXXX (tempfile's 8 characters; a replaced folder's .old- shared them)
-_STAGING_TAIL = re.compile(r"(?P<pid>\d+)(-[0-9a-f]{8})?|(?P<legacy>[a-z0-9_]{8})")
+# the staging names dual-lm writes: folders .NAME.tmp-PID-HEX8 and .NAME.old-PID-HEX8, files .NAME.tmp-PID;
+# an earlier dual-lm's replacement left the pair .NAME.tmp-XXXXXXXX / .NAME.old-XXXXXXXX (one suffix)
+_STAGING_TAIL = {"tmp": re.compile(r"(?P<pid>\d+)(-[0-9a-f]{8})?"), "old": re.compile(r"(?P<pid>\d+)-[0-9a-f]{8}")}
+_LEGACY_TAIL = re.compile(r"[a-z0-9_]{8}")
 
 
 def _stale_staging(target: Path, tags: tuple[str, ...]) -> dict[tuple[str, str], list[Path]]:
     """The staging siblings of ``target`` whose writer is gone, by (tag, key): the key is the writer's
-    pid, or an earlier dual-lm's 8-character suffix. Names dual-lm does not write are never listed."""
+    pid, or an earlier dual-lm's 8-character suffix (recognised only as a tmp/old pair). Names dual-lm
+    does not write, such as a user's ``.model.old-2024`` or ``.model.old-backup1``, are never listed."""
     prefix = f".{target.name}."
     stale: dict[tuple[str, str], list[Path]] = {}
+    legacy: dict[str, dict[str, Path]] = {}
     for path in sorted(target.parent.iterdir()):
-        tag, _, tail = path.name[len(prefix) :].partition("-") if path.name.startswith(prefix) else ("", "", "")
-        match = _STAGING_TAIL.fullmatch(tail) if tag in tags else None
-        if match is None or (match["pid"] and _alive(int(match["pid"]))):
+        if not path.name.startswith(prefix):
             continue
-        stale.setdefault((tag, match["pid"] or match["legacy"]), []).append(path)
+        tag, _, tail = path.name[len(prefix) :].partition("-")
+        match = _STAGING_TAIL[tag].fullmatch(tail) if tag in tags else None
+        folder_name = match is not None and (tag == "old" or match.group(2) is not None)
+        if match is not None and path.is_dir() == folder_name:  # folders carry the random part, files not
+            if not _alive(int(match["pid"])):
+                stale.setdefault((tag, match["pid"]), []).append(path)
+        elif tag in tags and _LEGACY_TAIL.fullmatch(tail) and path.is_dir():
+            legacy.setdefault(tail, {})[tag] = path
+    for tail, pair in legacy.items():
+        if set(pair) == {"tmp", "old"}:
+            for tag, path in pair.items():
+                stale.setdefault((tag, tail), []).append(path)
     return stale
 
 

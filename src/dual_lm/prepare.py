@@ -203,16 +203,18 @@ class _Writing:
 def _writing(out: Path) -> Iterator[_Writing]:
     """Hold the folder's lock while writing; on a failure (a full disk, Ctrl-C) remove the temporary
     files once this run has begun to write (a run refused before that changes nothing), and the folder
-    itself when this run created it and wrote nothing into it."""
+    itself when this run created it and a user error stopped it or it wrote nothing into it."""
     created = not out.exists()
     with ownership.exclusive(out, "prepare-data folder"):
         state = _Writing(out)
         try:
             yield state
-        except BaseException:
+        except BaseException as err:
             if state.started:
                 remove_temporaries(out)
-            if created and all(p.name == ownership.LOCK_NAME for p in out.iterdir()):
+            # a folder this run created is all its own: an option found impossible only after reading
+            # the corpus (--valid-tokens, --num-shards) removes it; a full disk keeps its shards to resume
+            if created and (isinstance(err, UserError) or all(p.name == ownership.LOCK_NAME for p in out.iterdir())):
                 shutil.rmtree(out)
             raise
 

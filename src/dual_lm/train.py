@@ -31,7 +31,7 @@ from dual_lm.checkpoint import (
     remove_leftovers,
     save_checkpoint,
 )
-from dual_lm.config import TrainConfig, llama_config
+from dual_lm.config import TrainConfig, check_shape, llama_config
 from dual_lm.data import PackedLoader, TokenShards
 from dual_lm.dist import DistInfo, all_keys, barrier, init_distributed, shutdown, sum_across_ranks
 from dual_lm.errors import UserError
@@ -70,6 +70,12 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
     ):
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise UserError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
+    try:
+        check_shape(cfg.model.shape(1, max(cfg.data.seq_len, 2048)))  # the vocabulary comes from the data
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if cfg.checkpoint.keep_last < 0:
+        raise UserError(f"checkpoint.keep_last must be >= 0 (0 keeps every checkpoint), got {cfg.checkpoint.keep_last}")
     if o.alpha_mode not in ("rows", "ranks"):
         raise UserError(f"objective.alpha_mode must be 'rows' or 'ranks', got {o.alpha_mode!r}")
     for name, value in (
