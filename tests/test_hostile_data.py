@@ -87,7 +87,11 @@ DAMAGED_DATA = [
     ("manifest-binary", write("manifest.json", b"\xff\xfe\x00garbage"), r"manifest\.json is not valid JSON"),
     ("manifest-list", write("manifest.json", b"[1, 2]"), r"manifest\.json does not hold a JSON object"),
     ("manifest-no-shards", edit_manifest(lambda m: m.pop("shards")), r"manifest\.json lacks shards"),
-    ("manifest-future-format", edit_manifest(lambda m: m.update(format=99)), r"has format 99; this dual-lm reads"),
+    (
+        "manifest-future-format",
+        edit_manifest(lambda m: m.update(format=99)),
+        r"format 99, written by a newer dual-lm",
+    ),
     ("manifest-vocab-text", edit_manifest(lambda m: m.update(vocab_size="big")), r"vocab_size = 'big', not a count"),
     ("manifest-dtype", edit_manifest(lambda m: m.update(dtype="float64")), r"dtype 'float64', not one of"),
     ("manifest-no-entries", edit_manifest(lambda m: m.update(shards=[])), r"needs a non-empty list of shards"),

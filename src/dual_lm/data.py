@@ -109,7 +109,6 @@ def _count(value, name: str, folder: Path) -> int:
 
 def read_manifest(folder: Path) -> dict:
     """``manifest.json`` of a prepare-data folder, checked for the keys and the format this code reads."""
-    from dual_lm.prepare import FORMAT_VERSION  # the writer's version (check_format refuses older ones)
 
     path = folder / "manifest.json"
     if not path.is_file():
@@ -123,12 +122,7 @@ def read_manifest(folder: Path) -> dict:
     missing = [k for k in ("format", "vocab_size", "dtype", "shards", "valid") if k not in manifest]
     if missing:
         raise _damaged(folder, f"manifest.json lacks {', '.join(missing)}")
-    version = manifest["format"]
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise UserError(
-            f"data folder {folder} has format {version!r}; this dual-lm reads formats 1 to {FORMAT_VERSION} "
-            "(prepare it again with this version, or upgrade dual-lm)"
-        )
+    check_format(manifest, folder)  # the one check of the format: this version reads only its own
     if _count(manifest["vocab_size"], "vocab_size", folder) < 1:
         raise _damaged(folder, "manifest.json gives vocab_size = 0")
     if manifest["dtype"] not in _TOKEN_DTYPES:
@@ -184,7 +178,6 @@ class TokenShards:
     def __init__(self, folder: str | Path, split: str = "train"):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        check_format(self.manifest, self.folder)
         metas = self.manifest["shards"] if split == "train" else [self.manifest["valid"]]
         checked = [check_shard(self.folder, m) for m in metas]
         self.tokens = [tokens for tokens, _ in checked]

@@ -148,6 +148,8 @@ def check_format(manifest: dict, folder: str | Path) -> None:
     """Refuse a data folder written in another format than this version writes: a format-1 folder holds
     unstripped documents (120 of the demo's 161 ended in a lone space token), never mixed in silently."""
     found = manifest.get("format")
+    if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION:
+        raise UserError(f"data folder {folder} has data format {found}, written by a newer dual-lm; upgrade dual-lm")
     if found != FORMAT_VERSION:
         raise UserError(
             f"data folder {folder} has data format {found!r}, this dual-lm trains on format {FORMAT_VERSION} "
