@@ -31,6 +31,7 @@ from dual_lm import DLMLlamaForCausalLM, ownership
 from dual_lm.config import PRESETS, llama_config
 from dual_lm.sweep import EVAL_KEYS
 from hostile import refuses, run_cli, snapshot
+from test_sweep import tiny_sweep_overrides
 
 NOWHERE = "no-such-folder"  # FOLDER for cases that must fail before any model is looked at
 SHAPE = dataclasses.replace(PRESETS["tiny"], max_position_embeddings=64)  # vocab 512, context 64
@@ -312,23 +313,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(files, monkeypat
 
 def sweep_argv(data_dir: Path, root: Path, *extra: str) -> list[str]:
     """A one-cell sweep that trains in about a second (4 steps of a 2-head, 32-wide model)."""
-    settings = {
-        "data.path": data_dir,
-        "output": root / "base",
-        "data.seq_len": 32,
-        "train.micro_batch_rows": 4,
-        "train.global_batch_tokens": 128,
-        "train.steps": 4,
-        "log.every": 1,
-        "eval.every": 2,
-        "eval.batches": 1,
-        "checkpoint.every": 2,
-        "checkpoint.keep_last": 0,
-        "model.hidden_size": 32,
-        "model.num_heads": 2,
-        "model.head_dim": 16,
-    }
-    overrides = [f"{k}={v}" for k, v in settings.items()]
+    overrides = tiny_sweep_overrides(data_dir, root / "base")
     return ["sweep", *overrides, "--alphas", "1/2", "--repetitions", "1", "--windows", "4", *extra]
 
 

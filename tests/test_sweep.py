@@ -11,10 +11,11 @@ from dual_lm.cli import main
 from dual_lm.sweep import parse_alphas, parse_repetitions, validation_windows
 
 
-def sweep_args(data_dir, out):
+def tiny_sweep_overrides(data_dir, base_output) -> list[str]:
+    """Overrides of a sweep whose cells train in about a second (4 steps of a 2-head, 32-wide model)."""
     settings = {
         "data.path": data_dir,
-        "output": out / "base",
+        "output": base_output,
         "data.seq_len": 32,
         "train.micro_batch_rows": 4,
         "train.global_batch_tokens": 128,
@@ -28,7 +29,11 @@ def sweep_args(data_dir, out):
         "model.num_heads": 2,
         "model.head_dim": 16,
     }
-    overrides = [f"{k}={v}" for k, v in settings.items()]
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def sweep_args(data_dir, out):
+    overrides = tiny_sweep_overrides(data_dir, out / "base")
     return ["sweep", *overrides, "--alphas", "0,1/2", "--repetitions", "1,2", "--output", str(out / "grid")]
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dual_lm.errors import UserError
-from dual_lm.ownership import environment_error
+from dual_lm.ownership import check_output_file, environment_error
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,20 +58,6 @@ def real(low: float, high: float = math.inf, *, low_open: bool = False):
 
 SEED = integer(0, 2**64 - 1)  # what torch.manual_seed accepts
 MIN_VOCAB = 272  # the tokenizer recipe's 16 special tokens and 256 byte symbols (tokenizer.train_tokenizer)
-
-
-def output_file(path: str | Path, kind, sources=()) -> Path:
-    """An output file checked before the work it will hold: its folder exists and is writable, it is not a
-    folder, and a file already there is one of ``kind`` (which is then replaced atomically)."""
-    from dual_lm.ownership import check_output_file
-
-    path = Path(path)
-    parent = path.absolute().parent
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"cannot write {kind.name} {path}: {parent} is a file, not a folder")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {kind.name} {path}: the folder {parent} does not exist; create it first")
-    return check_output_file(path, kind, sources)
 
 
 def _convert(args) -> int:
@@ -168,7 +154,7 @@ def _plot(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
-    out = output_file(args.output or run_dir / "loss.png", PLOT, sources=(run_dir / "metrics.jsonl",))
+    out = check_output_file(args.output or run_dir / "loss.png", PLOT, sources=(run_dir / "metrics.jsonl",))
     print(f"wrote {plot_run(run_dir, out)}")
     return 0
 
@@ -247,7 +233,7 @@ def _generate(args) -> int:
     if args.output is not None:  # before the model loads: a bad path must not cost the work
         from dual_lm.ownership import GENERATIONS
 
-        output_file(args.output, GENERATIONS, sources=(args.prompts,))
+        check_output_file(args.output, GENERATIONS, sources=(args.prompts,))
     prompts = read_prompts(Path(args.prompts)) if args.prompts else None
     model, tokenizer = _load_with_tokenizer(args.folder)
     options = _generation_options(args)
@@ -306,7 +292,7 @@ def _eval(args) -> int:
     from dual_lm.ownership import RESULTS
 
     if args.output:  # before any data or model is loaded: a bad path must not cost the work
-        output_file(args.output, RESULTS, sources=(args.folder,))
+        check_output_file(args.output, RESULTS, sources=(args.folder,))
     settings = EvalSettings(args.mode, args.mask_n, args.batch_size)
     job = EvalJob(args.folder, parse_tasks(args.tasks), settings, args.limit, args.blimp_path, args.seed, args.device)
     results = run_job(job)
@@ -326,7 +312,7 @@ def _eval_compare(args) -> int:
     from dual_lm.ownership import PLOT
 
     metric = check_metric(args.metric)
-    output_file(args.output, PLOT, sources=args.results)
+    check_output_file(args.output, PLOT, sources=args.results)
     runs = [read_results(path) for path in args.results]
     print(markdown_table(runs, metric))
     print(f"wrote {plot_runs(runs, args.output, metric)}")

@@ -254,8 +254,15 @@ def check_output(path: str | Path, kind: Kind, *, update: bool = False, sources=
 
 
 def check_output_file(path: str | Path, kind: Kind, sources=()) -> Path:
-    """An output file: new, or a file of ``kind`` (which is replaced atomically); never a folder."""
+    """An output file, checked before the work it will hold: its folder exists (files never create
+    folders) and is writable, it is not a folder, and a file already there is one of ``kind`` (which
+    is then replaced atomically)."""
     path = Path(path)
+    parent = path.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"cannot write {kind.name} {path}: {parent} is a file, not a folder")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {kind.name} {path}: the folder {parent} does not exist; create it first")
     if path.is_dir():
         raise UserError(f"cannot write {kind.name} {path}: it is a folder; give a file path")
     return check_output(path, kind, update=True, sources=sources)
