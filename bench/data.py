@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from dual_lm.corpus import expand_sources, iter_documents
-from dual_lm.data import PackedLoader, TokenShards
-from dual_lm.prepare import PrepareRequest, prepare_data
+from dual_lm.data.corpus import expand_sources, iter_documents
+from dual_lm.data.loader import PackedLoader, TokenShards
+from dual_lm.data.prepare import PrepareRequest, prepare_data
 
 LOADER_PROBE = r"""
 import resource, sys, time
-from dual_lm.data import PackedLoader, TokenShards
+from dual_lm.data.loader import PackedLoader, TokenShards
 loader = PackedLoader(TokenShards(sys.argv[1]), seq_len=2048, rows_per_rank=8, seed=0)
 for _ in range(int(sys.argv[2])):
     loader.next_batch()

@@ -34,7 +34,7 @@ def ours(folder: str, task: str, limit: int, mode: str, batch: int, mask_n: int 
 def lm_eval_hf(folder: str, task: str, limit: int, batch: int, manager) -> tuple[float, dict]:
     import lm_eval
 
-    from dual_lm.evaluation.lm_eval_adapter import offline_task
+    from dual_lm.evaluation.lm_eval_offline import offline_task
 
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(

@@ -24,10 +24,10 @@ from transformers import LlamaForCausalLM
 
 from dual_lm import DLMLlamaForCausalLM
 from dual_lm.config import llama_config, preset
-from dual_lm.diffusion import DiffusionConfig, diffusion_generate
 from dual_lm.folder import load_model
-from dual_lm.scoring import score_requests
-from dual_lm.speculative import speculative_generate
+from dual_lm.inference.diffusion import DiffusionConfig, diffusion_generate
+from dual_lm.inference.scoring import score_requests
+from dual_lm.inference.speculative import speculative_generate
 
 
 def best_of(fn, repeats: int) -> float:

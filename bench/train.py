@@ -1,6 +1,6 @@
 """Training-step throughput: our Trainer (AR-only, MD-only, dual) vs a plain transformers Llama + AdamW loop.
 
-One optimiser step (the global batch) of ``dual_lm.train.Trainer.train_step`` at objective.alpha
+One optimiser step (the global batch) of ``dual_lm.training.train.Trainer.train_step`` at objective.alpha
 = 1 (AR only), 0 (MD only) and 63/64 (the default dual mix), against transformers'
 ``LlamaForCausalLM`` of the same dimensions (plain lm_head, no document masking) trained with
 ``torch.optim.AdamW(lr=1e-3)`` on rows of the same packed loader. All contenders are measured in
@@ -49,12 +49,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from dual_lm.config import llama_config, load_train_config, parameter_counts
-from dual_lm.corpus import expand_sources, iter_documents
-from dual_lm.data import PackedLoader, TokenShards
-from dual_lm.dist import DistInfo
-from dual_lm.prepare import PrepareRequest, prepare_data
+from dual_lm.data.corpus import expand_sources, iter_documents
+from dual_lm.data.loader import PackedLoader, TokenShards
+from dual_lm.data.prepare import PrepareRequest, prepare_data
 from dual_lm.tokenizer import save_tokenizer, train_tokenizer
-from dual_lm.train import Trainer
+from dual_lm.training.dist import DistInfo
+from dual_lm.training.train import Trainer
 
 AR, MD, DUAL, COMPILED = (
     "ours AR-only (alpha=1)",

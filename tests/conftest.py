@@ -80,7 +80,7 @@ def sentences(n, seed):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A prepare-data folder of 300 synthetic documents (vocabulary 320, 300 validation tokens)."""
-    from dual_lm.prepare import PrepareRequest, prepare_data
+    from dual_lm.data.prepare import PrepareRequest, prepare_data
     from dual_lm.tokenizer import save_tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("train-data")

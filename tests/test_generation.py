@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dual_lm import DLMLlamaForCausalLM
-from dual_lm.config import MASK_ID, PRESETS, llama_config
-from dual_lm.diffusion import DiffusionConfig, commit_counts, diffusion_generate, infill, sample_canvas
-from dual_lm.generation import (
+from dual_lm.config import PRESETS, llama_config
+from dual_lm.inference.diffusion import DiffusionConfig, commit_counts, diffusion_generate, infill, sample_canvas
+from dual_lm.inference.generation import (
     TextPrinter,
     continuation_text,
     encode_with_masks,
@@ -16,13 +16,15 @@ from dual_lm.generation import (
     generate_batch,
     generate_text,
 )
+from dual_lm.tokens import MASK_ID
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tokenizer_51200):
     from transformers import PreTrainedTokenizerFast
 
-    from dual_lm.tokenizer import ROLE_TOKENS, load_tokenizer_file
+    from dual_lm.tokenizer import load_tokenizer_file
+    from dual_lm.tokens import ROLE_TOKENS
 
     torch.manual_seed(0)
     model = DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200))).eval()
@@ -129,7 +131,7 @@ def test_cli_fill_needs_a_tokenizer(converted, capsys):
 
 
 def test_speculative_greedy_equals_causal_greedy(model_and_tokenizer):
-    from dual_lm.speculative import speculative_generate
+    from dual_lm.inference.speculative import speculative_generate
 
     model, _ = model_and_tokenizer
     prompt = torch.tensor([1, 300, 400, 500])
@@ -141,7 +143,7 @@ def test_speculative_greedy_equals_causal_greedy(model_and_tokenizer):
 
 
 def test_speculative_sampling_has_the_causal_distribution():
-    from dual_lm.speculative import speculative_generate
+    from dual_lm.inference.speculative import speculative_generate
 
     torch.manual_seed(0)
     model = DLMLlamaForCausalLM(llama_config(PRESETS["tiny"])).eval()
@@ -245,7 +247,7 @@ def test_cli_generate_streams_one_prompt_and_batches_a_file(tokenizer_51200, tmp
 def test_accept_drafts_gives_every_position_the_target_distribution():
     """With fixed p and q, the token at position j (when the round reaches it) is distributed as p_j:
     accepted drafts and residual samples at j = 0 and j > 0, and the bonus token after k drafts."""
-    from dual_lm.speculative import accept_drafts
+    from dual_lm.inference.speculative import accept_drafts
 
     torch.manual_seed(0)
     k, vocab, trials = 2, 5, 20000

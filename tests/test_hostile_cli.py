@@ -29,7 +29,7 @@ import torch
 from conftest import sentences
 from dual_lm import DLMLlamaForCausalLM, ownership
 from dual_lm.config import PRESETS, llama_config
-from dual_lm.sweep import EVAL_KEYS
+from dual_lm.studies.sweep import EVAL_KEYS
 from hostile import refuses, run_cli, snapshot
 from test_sweep import tiny_sweep_overrides
 
@@ -217,7 +217,7 @@ def test_recommend_alpha_needs_one_way_of_giving_r(argv, pattern, tmp_path):
 
 
 def test_recommend_alpha_library_refuses_nan_and_inf():
-    from dual_lm.recommend import recommend_alpha, repetitions_from_budget
+    from dual_lm.training.recommend import recommend_alpha, repetitions_from_budget
 
     for bad in (math.nan, math.inf, 0.5):
         with pytest.raises(ValueError, match="finite number >= 1"):
@@ -383,7 +383,7 @@ def test_plot_of_a_torn_last_line_draws_the_complete_lines(files):
     outcome = run_cli(["plot", files["run"]])
     assert outcome.code == 0, outcome.err
     assert ownership.is_dual_lm_png(files["run"] / "loss.png") and metrics.read_bytes() == kept
-    from dual_lm.plot import read_metrics
+    from dual_lm.training.runlog import read_metrics
 
     assert [r["step"] for r in read_metrics(files["run"])] == [1, 2, 3]
 
@@ -488,7 +488,7 @@ LIBRARY = [
     (
         "speculative-k-past-the-context",
         ["generate", "{folder}", "--prompt", "hi", "--mode", "speculative", "--k", "64", "--max-new-tokens", "8"],
-        r"prompt \+ new tokens \+ k exceed the context of 64",
+        r"prompt \(2 tokens\) \+ 8 new tokens \+ k = 64 drafts exceed the context of 64",
     ),
     (
         "diffusion-past-the-context",
@@ -517,11 +517,11 @@ def test_scoring_windows_that_cannot_work_are_one_line(folder, files, extra, pat
 
 
 def test_sampler_library_refuses_nan_and_inf(folder):
-    from dual_lm.diffusion import DiffusionConfig, diffusion_generate
     from dual_lm.folder import load_model
-    from dual_lm.generation import check_sampling
-    from dual_lm.scoring import score_texts
-    from dual_lm.speculative import speculative_generate
+    from dual_lm.inference.diffusion import DiffusionConfig, diffusion_generate
+    from dual_lm.inference.generation import check_sampling
+    from dual_lm.inference.scoring import score_texts
+    from dual_lm.inference.speculative import speculative_generate
 
     model = load_model(folder)
     prompt = torch.tensor([1, 300])
@@ -623,7 +623,7 @@ CHILD = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-import dual_lm.sweep as sweep
+import dual_lm.studies.sweep as sweep
 
 def stuck(*args, **kwargs):  # the cell's evaluation: the test kills the process here
     open(sys.argv[1], "w").close()

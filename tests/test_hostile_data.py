@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import sentences
-from dual_lm import ownership, prepare
+from dual_lm import ownership
+from dual_lm.data import prepare
 from hostile import refuses, run_cli
 
 # ------------------------------------------------------------------------------ data folders opened by train

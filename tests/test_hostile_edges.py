@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dual_lm import ownership
-from dual_lm.checkpoint import list_checkpoints, remove_leftovers
+from dual_lm.training.checkpoint import list_checkpoints, remove_leftovers
 from hostile import refuses, run_cli
 from test_hostile_training import assert_same_weights, ckpt, copy_run, train_argv, weights
 

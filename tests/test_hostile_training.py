@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dual_lm import checkpoint, ownership
-from dual_lm.checkpoint import list_checkpoints, load_checkpoint
+from dual_lm import ownership
+from dual_lm.training import checkpoint
+from dual_lm.training.checkpoint import list_checkpoints, load_checkpoint
 from hostile import assert_refused, dead_pid, refuses, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -325,7 +326,7 @@ def test_disk_full_while_saving_a_checkpoint(data_dir, tmp_path, monkeypatch):
 
 SLOW_TRAIN = r"""
 import sys, time
-from dual_lm import train
+from dual_lm.training import train
 from dual_lm.cli import main
 step = train.Trainer.train_step
 def slow(self):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from dual_lm.config import ObjectiveConfig
 from dual_lm.convert import build_reference_model
-from dual_lm.objectives import (
+from dual_lm.training.objectives import (
     DualObjective,
     choose_positions,
     draw_mask_counts,
@@ -208,8 +208,8 @@ def rotation_config(**extra):
 def test_trainer_rotates_md_ranks_by_steps_not_by_the_loaders_epoch():
     from types import SimpleNamespace
 
-    from dual_lm.dist import DistInfo
-    from dual_lm.train import Trainer, make_plan
+    from dual_lm.training.dist import DistInfo
+    from dual_lm.training.train import Trainer, make_plan
 
     cfg = rotation_config()
 
@@ -239,9 +239,9 @@ def test_trainer_rotates_md_ranks_by_steps_not_by_the_loaders_epoch():
     ],
 )
 def test_rank_plans_the_world_cannot_run_are_one_clear_error(extra, world, message):
-    from dual_lm.dist import DistInfo
     from dual_lm.errors import UserError
-    from dual_lm.train import make_plan
+    from dual_lm.training.dist import DistInfo
+    from dual_lm.training.train import make_plan
 
     micro = {"train.global_batch_tokens": 16 * world}
     with pytest.raises(UserError, match=message):

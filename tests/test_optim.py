@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dual_lm.convert import build_reference_model, hf_to_reference_name
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM, DLMLlamaForQuestionAnswering
-from dual_lm.optim import (
+from dual_lm.training.optim import (
     AdamW,
     Muon,
     MuonAdamW,
@@ -351,7 +351,7 @@ def test_build_optimizer_on_fresh_model_trains(tiny_config):
 
 
 def test_bfloat16_newton_schulz_stays_close_to_float32():
-    from dual_lm.optim import newton_schulz
+    from dual_lm.training.optim import newton_schulz
 
     g = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     full, half = newton_schulz(g), newton_schulz(g, dtype=torch.bfloat16).float()

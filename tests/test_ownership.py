@@ -247,7 +247,7 @@ def test_file_staging_of_a_live_process_is_kept_and_a_dead_ones_removed(tmp_path
 def test_checkpoint_files_follow_the_umask(tmp_path):
     import torch
 
-    from dual_lm.checkpoint import save_checkpoint
+    from dual_lm.training.checkpoint import save_checkpoint
 
     old = os.umask(0o022)
     try:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import REFERENCE
-from dual_lm.config import BOS_ID
-from dual_lm.data import PackedLoader, TokenShards, feistel_permutation, pack_documents, packed_row
+from dual_lm.data.loader import PackedLoader, TokenShards, feistel_permutation, pack_documents, packed_row
+from dual_lm.tokens import BOS_ID
 
 
 @pytest.fixture(scope="module")

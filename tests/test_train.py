@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dual_lm.cli import main
 from dual_lm.config import load_train_config
-from dual_lm.train import run_training
+from dual_lm.training.train import run_training
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -90,7 +90,7 @@ def test_kill_minus_nine_then_resume_reproduces_the_log(data_dir, tmp_path):
 
 KILL_IN_SAVE = r"""
 import os, signal, sys
-from dual_lm import checkpoint
+from dual_lm.training import checkpoint
 from dual_lm.cli import main
 original = checkpoint.save_file
 def dying_save(tensors, path, metadata=None):
@@ -106,7 +106,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path)
     args = overrides(data_dir, tmp_path / "run")
     proc = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *args], env=ENV, capture_output=True)
     assert proc.returncode == -9
-    from dual_lm.checkpoint import list_checkpoints, load_checkpoint
+    from dual_lm.training.checkpoint import list_checkpoints, load_checkpoint
 
     found = list_checkpoints(tmp_path / "run")
     assert [step for step, _ in found] == [4]
@@ -252,7 +252,7 @@ def test_fsdp_needs_torchrun(data_dir, tmp_path, capsys):
 
 
 def test_keep_last_zero_keeps_every_checkpoint(data_dir, tmp_path):
-    from dual_lm.checkpoint import list_checkpoints
+    from dual_lm.training.checkpoint import list_checkpoints
 
     args = overrides(data_dir, tmp_path / "r", **{"train.steps": 3, "checkpoint.every": 1, "checkpoint.keep_last": 0})
     assert main(["train", *args]) == 0
@@ -272,7 +272,7 @@ def test_tensorboard_and_checkpoint_retention(data_dir, tmp_path):
         },
     )
     assert main(["train", *args]) == 0
-    from dual_lm.checkpoint import list_checkpoints
+    from dual_lm.training.checkpoint import list_checkpoints
 
     assert [step for step, _ in list_checkpoints(tmp_path / "r")] == [1, 2, 4, 7, 8]  # powers of two + last two
     events = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))

@@ -12,10 +12,13 @@ from pathlib import Path
 from transformers import LlamaConfig
 
 from dual_lm.errors import UserError
+from dual_lm.tokens import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
-# Special-token ids of the published tokenizer (and of every tokenizer our recipe trains).
-UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4
-NUM_SPECIAL_TOKENS = 16
+# The context of the published models; a trained model gets at least this many positions.
+CONTEXT = 2048
+# Mixes a seed with a rank or an epoch into one generator seed (a prime, so no two pairs collide
+# below it).
+SEED_STRIDE = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class ModelShape:
     head_dim: int
     intermediate_size: int
     vocab_size: int = 51200
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = CONTEXT
     rope_theta: float = 160_000.0
     rms_norm_eps: float = 1e-7
 
@@ -293,6 +296,52 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """One UserError for the first setting out of range. Only what needs the world size (the batch
+        split, ranks mode, FSDP) or the schedule's own math is left to ``training.train.make_plan``."""
+        o, t = self.objective, self.train
+        if not 0.0 <= o.alpha <= 1.0:
+            raise UserError(f"objective.alpha must lie in [0, 1], got {o.alpha}")
+        for name, value, low, strict in (
+            ("optim.lr", self.optim.lr, 0.0, True),
+            ("optim.weight_decay", self.optim.weight_decay, 0.0, False),
+            ("objective.ar_weight", o.ar_weight, 0.0, True),
+            ("objective.z_loss", o.z_loss, 0.0, False),
+        ):
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise UserError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
+        try:
+            check_shape(self.model.shape(1, max(self.data.seq_len, CONTEXT)))  # the vocabulary comes from the data
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if self.checkpoint.keep_last < 0:
+            raise UserError(
+                f"checkpoint.keep_last must be >= 0 (0 keeps every checkpoint), got {self.checkpoint.keep_last}"
+            )
+        for name, value, choices in (
+            ("objective.alpha_mode", o.alpha_mode, ("rows", "ranks")),
+            ("optim.ns_dtype", self.optim.ns_dtype, ("float32", "bfloat16")),
+            ("train.dtype", t.dtype, ("auto", "float32", "bfloat16")),
+        ):
+            if value not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        for name, value in (
+            ("train.steps", t.steps),
+            ("train.micro_batch_rows", t.micro_batch_rows),
+            ("data.seq_len", self.data.seq_len),
+            ("data.repetitions", self.data.repetitions),
+            ("train.global_batch_tokens", t.global_batch_tokens),
+            ("log.every", self.log.every),
+            ("checkpoint.every", self.checkpoint.every),
+            ("eval.batches", self.eval.batches),
+        ):
+            if value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        if self.eval.every < 0 or t.seed < 0:
+            raise UserError("eval.every and train.seed must be >= 0")
+        if not self.data.path:
+            raise UserError("data.path is not set: point it at a `dual-lm prepare-data` folder")
 
 
 def _coerce(value, default, name: str):

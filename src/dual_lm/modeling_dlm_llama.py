@@ -14,7 +14,9 @@ Attention patterns, selected per call:
   bidirectional   every position sees every position
   prefix          causal, plus the first ``prefix_lengths[b]`` tokens of row b see each other
 ``document_ids`` [B, T] restricts attention to the same document in any mode, and a padding
-``attention_mask`` [B, P+T] (1 = token, 0 = padding) combines with all of them.
+``attention_mask`` [B, P+T] (1 = token, 0 = padding) combines with all of them. ``run_trunk`` also
+takes ``row_causal`` [B] (bool) instead of a mode: causal rows where True, bidirectional rows where
+False, in one pass (the dual objective's mixed AR/MD batches).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from transformers.modeling_outputs import (
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
 ATTENTION_MODES = ("causal", "bidirectional", "prefix")
+_PER_ROW = "per-row"  # run_trunk's pattern when row_causal mixes causal and bidirectional rows
 MODELING_FILE = "modeling_dlm_llama.py"
 AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_dlm_llama.DLMLlamaForCausalLM",
@@ -98,6 +101,25 @@ def allowed_attention(
         lonely = ~allowed.any(-1, keepdim=True)  # [B, T, 1]
         allowed = allowed | (lonely & (k == q)[None])
     return allowed[:, None]
+
+
+def allowed_attention_per_row(
+    row_causal: torch.Tensor,
+    q_len: int,
+    past_len: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean [B, 1, T, P+T]: row b is causal where ``row_causal[b]``, bidirectional elsewhere.
+
+    Each pattern is ``allowed_attention``'s own, picked per row, so a mixed batch sees exactly what
+    each row would see alone.
+    """
+    batch = row_causal.shape[0]
+    causal = allowed_attention("causal", batch, q_len, past_len, padding_mask, None, document_ids, device)
+    bidirectional = allowed_attention("bidirectional", batch, q_len, past_len, padding_mask, None, document_ids, device)
+    return torch.where(row_causal.to(device)[:, None, None, None], causal, bidirectional)
 
 
 def to_attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,11 +195,24 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
 
     default_attention_mode = "causal"
 
-    def _mode_for(self, attention_mode: str | None, prefix_lengths) -> str:
-        return resolve_mode(attention_mode, prefix_lengths, self.default_attention_mode)
+    def _mode_for(self, attention_mode: str | None, prefix_lengths, row_causal, batch: int) -> str:
+        """The call's pattern: ``resolve_mode``'s, or from ``row_causal`` causal, bidirectional or per-row."""
+        if row_causal is None:
+            return resolve_mode(attention_mode, prefix_lengths, self.default_attention_mode)
+        if attention_mode is not None or prefix_lengths is not None:
+            raise ValueError("row_causal sets each row's pattern; pass it without attention_mode and prefix_lengths")
+        if row_causal.dtype != torch.bool or tuple(row_causal.shape) != (batch,):
+            raise ValueError(
+                f"row_causal must be a BoolTensor [B={batch}], "
+                f"got {row_causal.dtype} of shape {tuple(row_causal.shape)}"
+            )
+        if bool(row_causal.all()):  # one pattern for the whole batch takes that pattern's own (faster) path
+            return "causal"
+        return "bidirectional" if not bool(row_causal.any()) else _PER_ROW
 
     def run_trunk(
         self,
+        *,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -187,14 +222,21 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
         attention_mode: str | None = None,
         prefix_lengths: torch.LongTensor | None = None,
         document_ids: torch.LongTensor | None = None,
+        row_causal: torch.BoolTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Run the LlamaModel trunk (final norm included) under the requested attention pattern."""
-        mode = self._mode_for(attention_mode, prefix_lengths)
+        """Run the LlamaModel trunk (final norm included) under the requested attention pattern.
+
+        The one entry of every forward and of callers that want hidden states (objectives, scoring);
+        keyword-only, so each caller names what it passes. The pattern is ``attention_mode`` (with
+        ``prefix_lengths``) for the whole batch, or ``row_causal`` [B] per row: causal where True,
+        bidirectional where False.
+        """
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch, q_len = ref.shape[0], ref.shape[1]
+        mode = self._mode_for(attention_mode, prefix_lengths, row_causal, batch)
         past_len = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(batch, q_len, past_len, attention_mask, prefix_lengths, document_ids)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
@@ -202,9 +244,7 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
         plain_causal = mode == "causal" and document_ids is None
         if not plain_causal and (attention_mask is None or attention_mask.dim() == 2):
-            allowed = allowed_attention(
-                mode, batch, q_len, past_len, attention_mask, prefix_lengths, document_ids, ref.device
-            )
+            allowed = self._allowed(mode, row_causal, ref, past_len, attention_mask, prefix_lengths, document_ids)
             if self.config._attn_implementation == "sdpa" and bool(allowed.all()):
                 # everything visible: no mask at all lets SDPA pick its fastest kernel
                 attention_mask, kwargs["is_causal"] = None, False
@@ -219,6 +259,14 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+
+    @staticmethod
+    def _allowed(mode, row_causal, ref, past_len, attention_mask, prefix_lengths, document_ids) -> torch.Tensor:
+        """Boolean [B, 1, T, P+T] visibility of a call whose pattern needs a mask (``ref``: ids or embeddings)."""
+        batch, q_len = ref.shape[0], ref.shape[1]
+        if mode == _PER_ROW:
+            return allowed_attention_per_row(row_causal, q_len, past_len, attention_mask, document_ids, ref.device)
+        return allowed_attention(mode, batch, q_len, past_len, attention_mask, prefix_lengths, document_ids, ref.device)
 
     def _mask_for_backend(self, allowed: torch.Tensor) -> torch.Tensor:
         impl = self.config._attn_implementation
@@ -267,6 +315,36 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
             shutil.copyfile(__file__, target)
 
 
+class _OnePassForward:
+    """The forward shared by the masked LM and the sequence and token classifiers: one pass without a
+    cache, the trunk under the requested pattern, then the class's ``_head_outputs``."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        attention_mode: str | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        outputs = self.run_trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            attention_mode=attention_mode,
+            prefix_lengths=prefix_lengths,
+            document_ids=document_ids,
+            **kwargs,
+        )
+        return self._head_outputs(outputs, labels, input_ids, attention_mask, **kwargs)
+
+
 class _DLMWithLMHead(DLMLlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -307,17 +385,16 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
         past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        cache = cache if cache is not None else past_key_values
         outputs = self.run_trunk(
-            input_ids,
-            attention_mask,
-            position_ids,
-            cache,
-            inputs_embeds,
-            use_cache,
-            attention_mode,
-            prefix_lengths,
-            document_ids,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            attention_mode=attention_mode,
+            prefix_lengths=prefix_lengths,
+            document_ids=document_ids,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -346,7 +423,7 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
         return super().generate(inputs, *args, **kwargs)
 
 
-class DLMLlamaForMaskedLM(_DLMWithLMHead):
+class DLMLlamaForMaskedLM(_OnePassForward, _DLMWithLMHead):
     """Bidirectional (MNTP) LM: logits[:, i] predict token i+1, so a ``<mask>`` at i is read at i-1.
 
     ``labels`` [B, T] are aligned with the logits (label i is the target of position i; -100
@@ -355,30 +432,7 @@ class DLMLlamaForMaskedLM(_DLMWithLMHead):
 
     default_attention_mode = "bidirectional"
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        attention_mode: str | None = None,
-        prefix_lengths: torch.LongTensor | None = None,
-        document_ids: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput:
-        outputs = self.run_trunk(
-            input_ids,
-            attention_mask,
-            position_ids,
-            None,
-            inputs_embeds,
-            False,
-            attention_mode,
-            prefix_lengths,
-            document_ids,
-            **kwargs,
-        )
+    def _head_outputs(self, outputs, labels, input_ids, attention_mask, **kwargs) -> MaskedLMOutput:
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -404,7 +458,7 @@ class _DLMTaskModel(DLMLlamaPreTrainedModel):
         layer._dlm_std = math.sqrt(2.0 / (5 * self.config.hidden_size))
 
 
-class DLMLlamaForSequenceClassification(_DLMTaskModel):
+class DLMLlamaForSequenceClassification(_OnePassForward, _DLMTaskModel):
     """Pools the state of the last real token (as ``LlamaForSequenceClassification``) into ``score``.
 
     The last real token is the last position where ``attention_mask`` is 1, else the last token
@@ -419,30 +473,7 @@ class DLMLlamaForSequenceClassification(_DLMTaskModel):
         self._tag_head(self.score)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        attention_mode: str | None = None,
-        prefix_lengths: torch.LongTensor | None = None,
-        document_ids: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutputWithPast:
-        outputs = self.run_trunk(
-            input_ids,
-            attention_mask,
-            position_ids,
-            None,
-            inputs_embeds,
-            False,
-            attention_mode,
-            prefix_lengths,
-            document_ids,
-            **kwargs,
-        )
+    def _head_outputs(self, outputs, labels, input_ids, attention_mask, **kwargs) -> SequenceClassifierOutputWithPast:
         logits = self.score(outputs.last_hidden_state)  # [B, T, C]
         last = self._last_real_token(input_ids, attention_mask, logits)
         pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
@@ -464,7 +495,7 @@ class DLMLlamaForSequenceClassification(_DLMTaskModel):
         return (positions * real).argmax(-1)
 
 
-class DLMLlamaForTokenClassification(_DLMTaskModel):
+class DLMLlamaForTokenClassification(_OnePassForward, _DLMTaskModel):
     """Per-token labels from dropout + ``score`` on each trunk state, as ``LlamaForTokenClassification``."""
 
     def __init__(self, config: LlamaConfig):
@@ -476,30 +507,7 @@ class DLMLlamaForTokenClassification(_DLMTaskModel):
         self._tag_head(self.score)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        attention_mode: str | None = None,
-        prefix_lengths: torch.LongTensor | None = None,
-        document_ids: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> TokenClassifierOutput:
-        outputs = self.run_trunk(
-            input_ids,
-            attention_mask,
-            position_ids,
-            None,
-            inputs_embeds,
-            False,
-            attention_mode,
-            prefix_lengths,
-            document_ids,
-            **kwargs,
-        )
+    def _head_outputs(self, outputs, labels, input_ids, attention_mask, **kwargs) -> TokenClassifierOutput:
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -532,15 +540,14 @@ class DLMLlamaForQuestionAnswering(_DLMTaskModel):
         **kwargs,
     ) -> QuestionAnsweringModelOutput:
         outputs = self.run_trunk(
-            input_ids,
-            attention_mask,
-            position_ids,
-            None,
-            inputs_embeds,
-            False,
-            attention_mode,
-            prefix_lengths,
-            document_ids,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            attention_mode=attention_mode,
+            prefix_lengths=prefix_lengths,
+            document_ids=document_ids,
             **kwargs,
         )
         logits = self.qa_outputs(outputs.last_hidden_state)
@@ -567,6 +574,7 @@ __all__ = [
     "DLMLlamaForTokenClassification",
     "DLMLlamaPreTrainedModel",
     "allowed_attention",
+    "allowed_attention_per_row",
     "resolve_mode",
     "to_attention_bias",
 ]

@@ -9,15 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dual_lm.atomic import write_text_atomic
 from dual_lm.errors import UserError
-
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>" for i in range(11)]
-ROLE_TOKENS = {
-    "unk_token": "<unk>",
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "pad_token": "<pad>",
-    "mask_token": "<mask>",
-}
+from dual_lm.tokens import ROLE_TOKENS, SPECIAL_TOKENS
 
 
 def load_tokenizer_file(path: str | Path) -> Tokenizer:

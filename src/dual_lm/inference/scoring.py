@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dual_lm.config import MASK_ID, PAD_ID
-
-SCORE_MODES = ("causal", "prefix", "masked")
+from dual_lm.inference import SCORE_MODES
+from dual_lm.tokens import MASK_ID, PAD_ID
 
 
 @dataclass(frozen=True)
@@ -52,11 +51,13 @@ def _check(requests, limit: int) -> None:
 
 
 def _rows_in_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches, longest first: similar lengths share a batch, so little of it is padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # length bucketing: similar lengths together
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] padded on the right and their attention mask (1 = token): real positions keep their index."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -64,6 +65,64 @@ def _pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, : len(row)] = torch.tensor(row)
         mask[b, : len(row)] = 1
     return ids.to(device), mask.to(device)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One model input of a scorer: its ids, the (position, gold token) pairs read from it, the request it
+    belongs to, the factor on its summed log-probs (the MD bound's L/k) and, in prefix mode, its context length."""
+
+    owner: int
+    ids: list[int]
+    reads: list[tuple[int, int]]
+    weight: float = 1.0
+    prefix: int = 0
+
+
+def _read_rows(model, rows: list[_Row], mode: str, batch_size: int) -> list[tuple[float, bool]]:
+    """The one batching loop of every scorer: per row, (weight x sum of log p(gold) at its reads, every gold
+    the argmax), in row order.
+
+    Rows are sorted by length (stable, so equal rows keep their order), run ``batch_size`` at a time padded
+    on the right under ``mode`` (causal, prefix or bidirectional), and scattered back to their own index.
+    """
+    results: list[tuple[float, bool] | None] = [None] * len(rows)
+    for batch in _rows_in_batches([len(row.ids) for row in rows], batch_size):
+        ids, mask = _pad([rows[i].ids for i in batch], model.device)
+        reads = [(b, p, g) for b, i in enumerate(batch) for p, g in rows[i].reads]
+        logp = _logprobs_at(model, ids, mask, reads, _pattern(mode, [rows[i] for i in batch], model.device))
+        gold = torch.tensor([g for _, _, g in reads], device=logp.device)  # [N], N = reads in the batch
+        picked, hits = logp.gather(1, gold[:, None]).squeeze(1).tolist(), (logp.argmax(-1) == gold).tolist()
+        at = 0
+        for i in batch:
+            n = len(rows[i].reads)
+            results[i] = (rows[i].weight * sum(picked[at : at + n]), all(hits[at : at + n]))
+            at += n
+    return results
+
+
+def _pattern(mode: str, rows: list[_Row], device) -> dict:
+    """``run_trunk``'s pattern arguments for a batch of rows."""
+    if mode == "prefix":
+        return {"prefix_lengths": torch.tensor([row.prefix for row in rows], device=device)}
+    return {"attention_mode": mode}
+
+
+def _logprobs_at(model, ids, mask, reads, pattern: dict) -> torch.Tensor:
+    """log-softmax [N, V] of the logits at (row, position) pairs only: the trunk runs on the whole batch, the
+    head (the costly [*, V] part at long continuations and large vocabularies) on the read positions."""
+    hidden = model.run_trunk(input_ids=ids, attention_mask=mask, use_cache=False, **pattern).last_hidden_state
+    rows = torch.tensor([r for r, _, _ in reads], device=ids.device)
+    positions = torch.tensor([p for _, p, _ in reads], device=ids.device)
+    return torch.log_softmax(model.lm_head(hidden[rows, positions]).float(), -1)
+
+
+def _per_owner(rows: list[_Row], results: list, count: int) -> list[list]:
+    """Each owner's row results in row order, so a request's value never depends on its neighbours."""
+    grouped: list[list] = [[] for _ in range(count)]
+    for row, result in zip(rows, results, strict=True):
+        grouped[row.owner].append(result)
+    return grouped
 
 
 @torch.no_grad()
@@ -75,33 +134,17 @@ def score_requests(model, requests, mode: str = "causal", n: int = 1, batch_size
         raise ValueError("batch_size and n must be >= 1")
     _check(requests, model.config.max_position_embeddings)
     if mode == "masked":
-        return _score_masked(model, requests, n, batch_size)
-    results: list[Scored | None] = [None] * len(requests)
-    lengths = [len(c) + len(w) for c, w in requests]
-    for batch in _rows_in_batches(lengths, batch_size):
-        ids, mask = _pad([list(requests[i][0]) + list(requests[i][1]) for i in batch], model.device)
-        extra = {"attention_mode": "causal"}
-        if mode == "prefix":
-            extra = {"prefix_lengths": torch.tensor([len(requests[i][0]) for i in batch], device=model.device)}
-        reads = [(b, len(requests[i][0]) - 1 + t, w) for b, i in enumerate(batch) for t, w in enumerate(requests[i][1])]
-        logp = _logprobs_at(model, ids, mask, reads, extra)  # [N, V], N = continuation tokens in the batch
-        gold = torch.tensor([w for _, _, w in reads], device=logp.device)
-        picked, hits = logp.gather(1, gold[:, None]).squeeze(1).tolist(), (logp.argmax(-1) == gold).tolist()
-        at = 0
-        for i in batch:
-            n = len(requests[i][1])
-            results[i] = Scored(sum(picked[at : at + n]), n, all(hits[at : at + n]))
-            at += n
-    return results
-
-
-def _logprobs_at(model, ids, mask, reads, extra) -> torch.Tensor:
-    """log-softmax of the logits at (row, position) pairs only: the trunk runs on the whole batch, the
-    head (the costly [*, V] part at long continuations and large vocabularies) on the read positions."""
-    hidden = model.run_trunk(ids, mask, use_cache=False, **extra).last_hidden_state  # [B, T, D]
-    rows = torch.tensor([r for r, _, _ in reads], device=ids.device)
-    positions = torch.tensor([p for _, p, _ in reads], device=ids.device)
-    return torch.log_softmax(model.lm_head(hidden[rows, positions]).float(), -1)
+        rows = [_Row(r, ids, [(p, g)]) for r, (c, w) in enumerate(requests) for ids, p, g in masked_rows(c, w, n)]
+    else:  # one row a request, read at every continuation token
+        rows = [
+            _Row(r, [*c, *w], [(len(c) - 1 + t, g) for t, g in enumerate(w)], prefix=len(c))
+            for r, (c, w) in enumerate(requests)
+        ]
+    results = _read_rows(model, rows, "bidirectional" if mode == "masked" else mode, batch_size)
+    return [
+        Scored(sum(v for v, _ in mine), len(w), mode != "masked" and all(g for _, g in mine))
+        for mine, (_, w) in zip(_per_owner(rows, results, len(requests)), requests, strict=True)
+    ]
 
 
 def masked_rows(context: list[int], continuation: list[int], n: int) -> list[tuple[list[int], int, int]]:
@@ -113,19 +156,6 @@ def masked_rows(context: list[int], continuation: list[int], n: int) -> list[tup
         ids = full[:j] + [MASK_ID] * min(n, len(full) - j) + full[j + n :]
         rows.append((ids, j - 1, full[j]))
     return rows
-
-
-def _score_masked(model, requests, n: int, batch_size: int) -> list[Scored]:
-    flat = [(r, row) for r, (c, w) in enumerate(requests) for row in masked_rows(c, w, n)]
-    sums = [0.0] * len(requests)
-    for batch in _rows_in_batches([len(row[0]) for _, row in flat], batch_size):
-        ids, mask = _pad([flat[i][1][0] for i in batch], model.device)
-        reads = [(b, flat[i][1][1], flat[i][1][2]) for b, i in enumerate(batch)]
-        logp = _logprobs_at(model, ids, mask, reads, {"attention_mode": "bidirectional"})
-        gold = torch.tensor([g for _, _, g in reads], device=logp.device)
-        for i, value in zip(batch, logp.gather(1, gold[:, None]).squeeze(1).tolist(), strict=True):
-            sums[flat[i][0]] += value
-    return [Scored(s, len(w), False) for s, (_, w) in zip(sums, requests, strict=True)]
 
 
 # ----------------------------------------------------------------------------- whole texts
@@ -171,17 +201,16 @@ def score_texts(model, texts, window: int | None = None, stride: int | None = No
     stride = max(1, window // 2) if stride is None else stride
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window {window} exceeds the model's context of {model.config.max_position_embeddings}")
-    pieces, owner = [], []
     for t, ids in enumerate(texts):
         if len(ids) < 2:
             raise ValueError(f"text {t}: needs at least 2 tokens (<s> and one more)")
-        for start, first, end in rolling_windows(len(ids), window, stride):
-            pieces.append((list(ids[start:first]), list(ids[first:end])))
-            owner.append(t)
-    sums = [0.0] * len(texts)
-    for t, scored in zip(owner, score_requests(model, pieces, "causal", batch_size=batch_size), strict=True):
-        sums[t] += scored.logprob
-    return [TextScore(s, len(ids) - 1) for s, ids in zip(sums, texts, strict=True)]
+    rows = [  # one causal row a window, read at the tokens it scores
+        _Row(t, list(ids[start:end]), [(i - 1 - start, ids[i]) for i in range(first, end)])
+        for t, ids in enumerate(texts)
+        for start, first, end in rolling_windows(len(ids), window, stride)
+    ]
+    grouped = _per_owner(rows, _read_rows(model, rows, "causal", batch_size), len(texts))
+    return [TextScore(sum(v for v, _ in mine), len(ids) - 1) for mine, ids in zip(grouped, texts, strict=True)]
 
 
 # ----------------------------------------------------------------------------- the masked-diffusion bound
@@ -222,18 +251,13 @@ def md_bound(model, requests, samples: int = 32, seed: int = 0, batch_size: int 
         raise ValueError(f"samples must be >= 2 for a standard error and batch_size >= 1, got {samples}, {batch_size}")
     _check(requests, model.config.max_position_embeddings)
     generator = torch.Generator().manual_seed(seed)
-    flat = [(r, row) for r, (c, w) in enumerate(requests) for row in bound_rows(c, w, samples, generator)]
-    values: list[list[float]] = [[] for _ in requests]
-    for batch in _rows_in_batches([len(row[0]) for _, row in flat], batch_size):
-        ids, mask = _pad([flat[i][1][0] for i in batch], model.device)
-        reads = [(b, p, g) for b, i in enumerate(batch) for p, g in flat[i][1][1]]
-        logp = _logprobs_at(model, ids, mask, reads, {"attention_mode": "bidirectional"})
-        gold = torch.tensor([g for _, _, g in reads], device=logp.device)
-        picked, at = logp.gather(1, gold[:, None]).squeeze(1).tolist(), 0
-        for i in batch:
-            request, (_, row_reads, weight) = flat[i]
-            values[request].append(weight * sum(picked[at : at + len(row_reads)]))
-            at += len(row_reads)
+    rows = [
+        _Row(r, ids, reads, weight)
+        for r, (c, w) in enumerate(requests)
+        for ids, reads, weight in bound_rows(c, w, samples, generator)
+    ]
+    grouped = _per_owner(rows, _read_rows(model, rows, "bidirectional", batch_size), len(requests))
+    values = [[v for v, _ in mine] for mine in grouped]
     out = []
     for v in values:
         x = torch.tensor(v, dtype=torch.float64)

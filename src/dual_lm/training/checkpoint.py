@@ -199,7 +199,7 @@ def _run_of(checkpoint: Path) -> Path | None:
 
 def _export_model(checkpoint: Path, weights: dict, meta: dict):
     """(model holding the checkpoint's weights, run config); one line when they do not fit together."""
-    from dual_lm.config import config_from_dict, llama_config
+    from dual_lm.config import CONTEXT, config_from_dict, llama_config
     from dual_lm.folder import compare_shapes
     from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
 
@@ -210,7 +210,7 @@ def _export_model(checkpoint: Path, weights: dict, meta: dict):
     embedding = weights.get("model.embed_tokens.weight")
     if embedding is None or embedding.dim() != 2:
         raise DamagedCheckpoint(f"{checkpoint / 'model.safetensors'} has no 2-D model.embed_tokens.weight")
-    shape = cfg.model.shape(embedding.shape[0], max(cfg.data.seq_len, 2048))
+    shape = cfg.model.shape(embedding.shape[0], max(cfg.data.seq_len, CONTEXT))
     model = DLMLlamaForCausalLM(llama_config(shape))
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     problems = compare_shapes({name: tuple(t.shape) for name, t in weights.items()}, expected)

@@ -9,43 +9,36 @@ per rank that is checkpointed, so a resumed run continues exactly where the kill
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dual_lm import __version__, ownership
-from dual_lm.atomic import write_json_atomic, write_text_atomic
-from dual_lm.checkpoint import (
+from dual_lm import __version__
+from dual_lm.atomic import write_json_atomic
+from dual_lm.config import CONTEXT, SEED_STRIDE, TrainConfig, llama_config
+from dual_lm.data.loader import PackedLoader, TokenShards
+from dual_lm.errors import UserError
+from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
+from dual_lm.training.checkpoint import (
     DamagedCheckpoint,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
-    remove_leftovers,
     save_checkpoint,
 )
-from dual_lm.config import TrainConfig, check_shape, llama_config
-from dual_lm.data import PackedLoader, TokenShards
-from dual_lm.dist import DistInfo, all_keys, barrier, init_distributed, shutdown, sum_across_ranks
-from dual_lm.errors import UserError
-from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
-from dual_lm.objectives import DualObjective, md_ranks, rank_runs_md, rotation_epoch, rows_for_ar
-from dual_lm.optim import build_optimizer, set_lr_factor, wsd_lr_factor
+from dual_lm.training.dist import DistInfo, all_keys, barrier, init_distributed, shutdown, sum_across_ranks
+from dual_lm.training.objectives import DualObjective, md_ranks, rank_runs_md, rotation_epoch, rows_for_ar
+from dual_lm.training.optim import build_optimizer, set_lr_factor, wsd_lr_factor
+from dual_lm.training.runfolder import check_started_alike, own_run, remove_run_leftovers, run_identity
+from dual_lm.training.runlog import VAL_KEYS, MetricsLog
 
 EVAL_SEED = 1234
 TRAINER_KEYS = ("optimizer", "loader", "generators", "torch_rng", "pending", "world_size")
-
-
-def run_identity(config: dict) -> dict:
-    """What makes two configs the same run: everything but ``output``, so a moved or copied run folder resumes."""
-    return {k: v for k, v in config.items() if k != "output"}
 
 
 @dataclass(frozen=True)
@@ -58,38 +51,10 @@ class Plan:
 
 
 def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
-    """Validate the config against the world size; one clear error for each impossible setting."""
+    """Validate the config (``TrainConfig.validate``), then against the world size and the schedule;
+    one clear error for each impossible setting."""
+    cfg.validate()
     o, t = cfg.objective, cfg.train
-    if not 0.0 <= o.alpha <= 1.0:
-        raise UserError(f"objective.alpha must lie in [0, 1], got {o.alpha}")
-    for name, value, low, strict in (
-        ("optim.lr", cfg.optim.lr, 0.0, True),
-        ("optim.weight_decay", cfg.optim.weight_decay, 0.0, False),
-        ("objective.ar_weight", o.ar_weight, 0.0, True),
-        ("objective.z_loss", o.z_loss, 0.0, False),
-    ):
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise UserError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
-    try:
-        check_shape(cfg.model.shape(1, max(cfg.data.seq_len, 2048)))  # the vocabulary comes from the data
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if cfg.checkpoint.keep_last < 0:
-        raise UserError(f"checkpoint.keep_last must be >= 0 (0 keeps every checkpoint), got {cfg.checkpoint.keep_last}")
-    if o.alpha_mode not in ("rows", "ranks"):
-        raise UserError(f"objective.alpha_mode must be 'rows' or 'ranks', got {o.alpha_mode!r}")
-    for name, value in (
-        ("train.steps", t.steps),
-        ("train.micro_batch_rows", t.micro_batch_rows),
-        ("data.seq_len", cfg.data.seq_len),
-        ("data.repetitions", cfg.data.repetitions),
-    ):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    if cfg.optim.ns_dtype not in ("float32", "bfloat16"):
-        raise UserError(f"optim.ns_dtype must be float32 or bfloat16, got {cfg.optim.ns_dtype!r}")
-    if t.dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     micro_tokens = t.micro_batch_rows * cfg.data.seq_len * info.world_size
     if t.global_batch_tokens % micro_tokens:
         raise UserError(
@@ -103,24 +68,12 @@ def make_plan(cfg: TrainConfig, info: DistInfo) -> Plan:
             rotation_epoch(0, t.steps, cfg.data.repetitions)
         except ValueError as err:
             raise UserError(f"objective.alpha_mode=ranks: {err}") from None
-    for name, value in (
-        ("train.global_batch_tokens", t.global_batch_tokens),
-        ("log.every", cfg.log.every),
-        ("checkpoint.every", cfg.checkpoint.every),
-        ("eval.batches", cfg.eval.batches),
-    ):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    if cfg.eval.every < 0 or t.seed < 0:
-        raise UserError("eval.every and train.seed must be >= 0")
     try:
         wsd_lr_factor(0, t.steps, cfg.optim.warmup, cfg.optim.decay, cfg.optim.decay_kind)
     except ValueError as err:
         raise UserError(f"optim schedule: {err}") from None
     if t.fsdp and not info.distributed:
         raise UserError("train.fsdp=true shards over ranks: launch with torchrun --nproc_per_node=2 or more")
-    if not cfg.data.path:
-        raise UserError("data.path is not set: point it at a `dual-lm prepare-data` folder")
     return Plan(t.global_batch_tokens // micro_tokens, ranks, t.global_batch_tokens)
 
 
@@ -157,7 +110,7 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer.is_file() else None
         vocab = self.shards.manifest["vocab_size"]
         torch.manual_seed(cfg.train.seed)
-        shape = cfg.model.shape(vocab, max(cfg.data.seq_len, 2048))
+        shape = cfg.model.shape(vocab, max(cfg.data.seq_len, CONTEXT))
         with info.device:  # initialise on the device: a 470M model takes ~25 s to initialise on a CPU
             self.model = DLMLlamaForCausalLM(llama_config(shape))
         if cfg.train.compile:
@@ -176,7 +129,7 @@ class Trainer:
             info.rank,
             info.world_size,
         )
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + info.rank)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * SEED_STRIDE + info.rank)
         self.valid = self._valid_shards()
         self.step = 0
         self.pending: dict[str, float] = {}
@@ -415,47 +368,7 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + float(value)
         self.model.train()
         metrics = summarise(sums, self.cfg.data.seq_len)
-        return {f"val_{k}": v for k, v in metrics.items() if k in ("ar_nll", "ar_acc", "md_loss", "md_nll", "md_acc")}
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics line; a torn line (a kill during the append) sorts last and is cut."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
-
-
-class MetricsLog:
-    """``RUN/metrics.jsonl``: one JSON object per logged step; on resume, later lines are cut."""
-
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+        return {f"val_{k}": v for k, v in metrics.items() if f"val_{k}" in VAL_KEYS}
 
 
 def fit(trainer: Trainer, resume: bool) -> dict:
@@ -514,74 +427,6 @@ def log_record(trainer: Trainer, rate: float) -> dict:
     }
     trainer.pending = {}
     return record
-
-
-def check_started_alike(run_dir: Path, cfg: TrainConfig) -> None:
-    """A run folder started with another config (killed before its first checkpoint) is not taken
-    over by a fresh start: its config.json and metrics.jsonl would be replaced."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
-    try:
-        started = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        started = None
-    if not isinstance(started, dict) or run_identity(started) != run_identity(cfg.to_dict()):
-        raise UserError(f"{run_dir} was started with another config (see {path}); choose another output")
-
-
-def remove_run_leftovers(run_dir: Path) -> None:
-    """Delete the staging files and folders a killed run left (the caller holds the run's lock, so no
-    live process owns them): half-written checkpoints, checkpoints half-deleted by pruning, and the
-    temporary files of config.json and metrics.jsonl."""
-    removed = remove_leftovers(run_dir)
-    for name in ("config.json", "metrics.jsonl"):
-        removed += ownership.remove_stale_staging(run_dir / name, tags=("tmp",))
-    if removed:
-        names = ", ".join(str(p.relative_to(run_dir)) for p in removed)
-        print(f"removed what a killed run left in {run_dir}: {names}", file=sys.stderr)
-
-
-@contextmanager
-def own_run(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
-    """Check the output and hold the run's lock for the whole run (rank 0), before anything is written.
-
-    The output must be new, empty or a run folder; a model, data or user folder is refused and left
-    as it was. Every rank learns rank 0's outcome through one all-reduce, so a refused run stops on
-    all ranks together instead of leaving the others waiting in a collective. A folder this call
-    created is removed again if the run fails before writing into it.
-    """
-    out = Path(cfg.output)
-    with ExitStack() as stack:
-        refusal: Exception | None = None
-        created = False
-        if info.is_main:
-            try:
-                ownership.check_output(out, ownership.RUN, update=True, sources=(cfg.data.path,))
-                created = not out.exists()
-                stack.enter_context(ownership.exclusive(out, "run"))
-            except (UserError, OSError) as err:
-                refusal = err
-        refused = sum_across_ranks({"refused": float(refusal is not None)}, info)["refused"]
-        if refusal is not None:
-            raise refusal
-        if refused:
-            raise UserError(f"rank 0 refused the output {out} (see its message)")
-        try:
-            yield
-        except BaseException:
-            if created:
-                _remove_if_unused(out)
-            raise
-
-
-def _remove_if_unused(folder: Path) -> None:
-    """Remove a folder the run created if it still holds nothing but the lock file."""
-    entries = list(folder.iterdir()) if folder.is_dir() else None
-    if entries is not None and all(p.name == ownership.LOCK_NAME and p.is_file() for p in entries):
-        for p in entries:
-            p.unlink()
-        folder.rmdir()
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:

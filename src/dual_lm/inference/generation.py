@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from dual_lm.config import BOS_ID, MASK_ID, PAD_ID
-from dual_lm.diffusion import DiffusionConfig, diffusion_generate
-from dual_lm.speculative import speculative_generate
-
-MODES = ("causal", "prefix", "diffusion", "speculative")
+from dual_lm.inference import MODES
+from dual_lm.inference.diffusion import DiffusionConfig, diffusion_generate
+from dual_lm.inference.sampling import check_room
+from dual_lm.inference.speculative import speculative_generate
+from dual_lm.tokens import BOS_ID, MASK_ID, PAD_ID
 
 
 @dataclass
@@ -99,15 +99,6 @@ class TextPrinter(BaseStreamer):
         self.shown = len(text)
 
 
-def _check_length(prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens}")
-    if prompt_tokens + max_new_tokens > limit:
-        raise ValueError(
-            f"the prompt ({prompt_tokens} tokens) + {max_new_tokens} new tokens exceed the context of {limit}"
-        )
-
-
 def check_sampling(options: dict) -> None:
     """One ValueError for a bad sampling option of the causal and prefix modes (``model.generate``), where
     nan or inf would otherwise reach the sampler and fail deep inside it or sample garbage."""
@@ -130,7 +121,7 @@ def generate_text(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
-    _check_length(ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
+    check_room(ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
     if mode == "diffusion":
         new, _ = diffusion_generate(model, ids[0], max_new_tokens, DiffusionConfig(**options))
         return continuation_text(tokenizer, ids[0].tolist(), new)
@@ -160,7 +151,7 @@ def generate_batch(
     check_sampling(options)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     for ids in encoded:
-        _check_length(len(ids), max_new_tokens, model.config.max_position_embeddings)
+        check_room(len(ids), max_new_tokens, model.config.max_position_embeddings)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     texts = [""] * len(prompts)
     for at in range(0, len(order), batch_size):

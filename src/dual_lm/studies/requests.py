@@ -55,7 +55,7 @@ def write_generations(prompts: list[str], texts: list[str], output: str | None) 
 def read_score_file(path: Path, tokenizer) -> tuple[list, str]:
     """Token requests from JSONL: all ``{"context", "continuation"}`` pairs ("pair"), or all ``{"text"}``
     records ("text", token lists starting with ``<s>``)."""
-    from dual_lm.scoring import split_pair
+    from dual_lm.inference.scoring import split_pair
 
     items, kinds = [], set()
     for n, line in enumerate(read_text(path, "score file").splitlines(), 1):
@@ -82,7 +82,7 @@ def read_score_file(path: Path, tokenizer) -> tuple[list, str]:
 
 def score_records(model, items: list, kind: str, args) -> list[dict]:
     """One JSON-able record per request of ``read_score_file``, scored as ``dual-lm score`` asks."""
-    from dual_lm.scoring import md_bound, score_requests, score_texts
+    from dual_lm.inference.scoring import md_bound, score_requests, score_texts
 
     windowed = args.window is not None or args.stride is not None
     if windowed and not (kind == "text" and args.mode == "causal"):

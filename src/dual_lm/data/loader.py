@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dual_lm.config import BOS_ID
+from dual_lm.config import SEED_STRIDE
+from dual_lm.data.prepare import check_format
 from dual_lm.errors import UserError
-from dual_lm.prepare import check_format
+from dual_lm.tokens import BOS_ID
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -331,7 +332,7 @@ class LoaderState:
 
 
 def _epoch_key(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
+    return seed * SEED_STRIDE + epoch
 
 
 def _row_key(seed: int, epoch: int) -> int:

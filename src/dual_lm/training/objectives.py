@@ -31,8 +31,8 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from dual_lm.config import MASK_ID, NUM_SPECIAL_TOKENS, ObjectiveConfig
-from dual_lm.modeling_dlm_llama import allowed_attention
+from dual_lm.config import ObjectiveConfig
+from dual_lm.tokens import MASK_ID, NUM_SPECIAL_TOKENS
 
 IGNORE = -100
 RATE_EPS = 1e-4
@@ -124,14 +124,6 @@ def weighted_head_loss(head, hidden, targets, weights, z_coefficient: float, nor
     return loss, sums
 
 
-def row_attention(ar_rows: torch.Tensor, document_ids: torch.Tensor | None, length: int) -> torch.Tensor:
-    """Bool [B, 1, L, L]: causal for AR rows, bidirectional for MD rows, within documents for both."""
-    batch = ar_rows.shape[0]
-    causal = allowed_attention("causal", batch, length, document_ids=document_ids, device=ar_rows.device)
-    bidir = allowed_attention("bidirectional", batch, length, document_ids=document_ids, device=ar_rows.device)
-    return torch.where(ar_rows[:, None, None, None], causal, bidir)
-
-
 class DualObjective(torch.nn.Module):
     """``objective(inputs, targets, document_ids, ar_rows)`` -> (loss, stats) in one forward pass.
 
@@ -174,14 +166,9 @@ class DualObjective(torch.nn.Module):
         return total, stats
 
     def trunk(self, inputs, ar_rows, document_ids):
-        """Final-normed hidden states [B, L, H] under each row's pattern."""
-        model = self.model
-        if bool(ar_rows.all()):  # plain causal: the unmodified LlamaModel path
-            return model.run_trunk(inputs, attention_mode="causal", document_ids=document_ids).last_hidden_state
-        if bool((~ar_rows).all()):
-            return model.run_trunk(inputs, attention_mode="bidirectional", document_ids=document_ids).last_hidden_state
-        allowed = row_attention(ar_rows, document_ids, inputs.shape[1])
-        return model.model(input_ids=inputs, attention_mask=model._mask_for_backend(allowed)).last_hidden_state
+        """Final-normed hidden states [B, L, H] under each row's pattern (an all-AR batch runs the plain
+        causal LlamaModel path, an all-MD one the bidirectional path: ``run_trunk`` picks them)."""
+        return self.model.run_trunk(input_ids=inputs, row_causal=ar_rows, document_ids=document_ids).last_hidden_state
 
 
 # ----------------------------------------------------------------------------- mixing by alpha

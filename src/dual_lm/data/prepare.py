@@ -35,12 +35,15 @@ from tqdm import tqdm
 
 from dual_lm import ownership
 from dual_lm.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
-from dual_lm.corpus import ReadStats, expand_sources, iter_documents
+from dual_lm.data.corpus import ReadStats, expand_sources, iter_documents
 from dual_lm.errors import UserError
 from dual_lm.tokenizer import load_tokenizer_file
 
 FORMAT_VERSION = 2  # 2: documents are stripped of surrounding whitespace before tokenising, as the reference does
 BATCH_CHARS = 4_000_000  # text handed to the tokenizer at once (parallel over all cores)
+
+# Default shard size: one shard per 500M characters of text (about 100M tokens).
+CHARS_PER_SHARD = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,7 @@ def _prepare_locked(request: PrepareRequest, writing: _Writing) -> dict:
         train_docs = count_stats.documents - valid["documents"]
         if train_docs <= 0:
             raise UserError(f"--valid-tokens {request.valid_tokens} leaves no training documents; ask for fewer")
-        shards = request.num_shards or max(1, chars // 500_000_000)
+        shards = request.num_shards or max(1, chars // CHARS_PER_SHARD)
         if not 1 <= shards <= train_docs:
             raise UserError(f"--num-shards must lie in [1, {train_docs}] (the number of training documents)")
         metas = []

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dual_lm.config import MASK_ID, load_train_config
+from dual_lm.config import load_train_config
+from dual_lm.tokens import MASK_ID
 
 DEFAULT_FIXTURE = Path("tests/fixtures/reference/parity-tiny")  # the in-repository copy
 DEMO_CONFIG = Path("configs/tiny.yaml")
@@ -58,8 +59,8 @@ def parity_check(fixture: Path) -> bool:
 
 def prepare(workdir: Path) -> Path:
     """Tokenizer and shards for the embedded corpus (skipped when already there)."""
-    from dual_lm.corpus import ReadStats, expand_sources, iter_documents
-    from dual_lm.prepare import PrepareRequest, prepare_data
+    from dual_lm.data.corpus import ReadStats, expand_sources, iter_documents
+    from dual_lm.data.prepare import PrepareRequest, prepare_data
     from dual_lm.tokenizer import save_tokenizer, train_tokenizer
 
     tokenizer = workdir / "tokenizer.json"
@@ -76,8 +77,8 @@ def prepare(workdir: Path) -> Path:
 
 def train(workdir: Path, data: Path):
     """Train (or resume, or skip when finished) the demo run; returns its config."""
-    from dual_lm.checkpoint import list_checkpoints
-    from dual_lm.train import run_training
+    from dual_lm.training.checkpoint import list_checkpoints
+    from dual_lm.training.train import run_training
 
     cfg = load_train_config(DEMO_CONFIG, [f"output={workdir / 'run'}", f"data.path={data}"])
     done = list_checkpoints(Path(cfg.output))
@@ -93,8 +94,9 @@ def show(folder: Path, cfg) -> None:
     from transformers import AutoTokenizer
 
     from dual_lm.folder import load_model
-    from dual_lm.generation import generate_text
-    from dual_lm.sweep import final_metrics, scoring_gap
+    from dual_lm.inference.generation import generate_text
+    from dual_lm.studies.heldout import scoring_gap
+    from dual_lm.training.runlog import final_metrics
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = load_model(folder)
@@ -148,7 +150,7 @@ def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo"))
     print(f"2. training a dual model ({DEMO_CONFIG})")
     cfg = train(workdir, data)
     print("3. export")
-    from dual_lm.checkpoint import branch_name, export_checkpoint
+    from dual_lm.training.checkpoint import branch_name, export_checkpoint
 
     folder = export_checkpoint(
         cfg.output, workdir / branch_name(cfg.objective.alpha, cfg.data.repetitions), overwrite=True
@@ -156,7 +158,7 @@ def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo"))
     print(f"   model folder {folder} (dual-lm info {folder})")
     print("4. the model in every mode")
     show(folder, cfg)
-    from dual_lm.plot import plot_run
+    from dual_lm.studies.plot import plot_run
 
     print(f"   loss curves: {plot_run(cfg.output)}")
     return 0

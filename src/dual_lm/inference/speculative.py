@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from dual_lm.config import EOS_ID, MASK_ID
-from dual_lm.diffusion import cut_at_eos
-
-DRAFTS = ("cached", "full")
+from dual_lm.inference import DRAFTS
+from dual_lm.inference.sampling import check_room, cut_at_eos
+from dual_lm.tokens import EOS_ID, MASK_ID
 
 
 @dataclass
@@ -65,12 +64,9 @@ def check_options(prompt_tokens: int, max_new_tokens: int, limit: int, k: int, t
         raise ValueError(f"k (drafted tokens per round) must be a whole number in [1, 64], got {k}")
     if draft not in DRAFTS:
         raise ValueError(f"unknown draft {draft!r}; choose one of {', '.join(DRAFTS)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens}")
     if not math.isfinite(temperature) or temperature < 0:  # nan would compare as neither < 0 nor >= 0
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if prompt_tokens + max_new_tokens + k > limit:
-        raise ValueError(f"prompt + new tokens + k exceed the context of {limit}")
+    check_room(prompt_tokens, max_new_tokens, limit, lookahead=k)
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator) -> list[int]:

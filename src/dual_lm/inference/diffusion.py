@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dual_lm.config import EOS_ID, MASK_ID
-
-STRATEGIES = ("confidence", "random")
+from dual_lm.inference import STRATEGIES
+from dual_lm.inference.sampling import check_room, cut_at_eos
+from dual_lm.tokens import MASK_ID
 
 
 @dataclass(frozen=True)
@@ -115,19 +115,10 @@ def _blocks(gap: list[int], block_length: int | None) -> list[list[int]]:
     return [gap[i : i + block_length] for i in range(0, len(gap), block_length)]
 
 
-def cut_at_eos(tokens: list[int]) -> list[int]:
-    """The tokens before the first ``</s>``."""
-    return tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
-
-
 @torch.no_grad()
 def diffusion_generate(model, prompt_ids: torch.Tensor, new_tokens: int, cfg: DiffusionConfig, trace=False):
     """Generate ``new_tokens`` after ``prompt_ids`` [P] (starting with ``<s>``); returns (new ids, result)."""
-    if new_tokens < 1:
-        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
-    limit = model.config.max_position_embeddings
-    if prompt_ids.numel() + new_tokens > limit:
-        raise ValueError(f"prompt ({prompt_ids.numel()}) + new tokens ({new_tokens}) exceed the context of {limit}")
+    check_room(prompt_ids.numel(), new_tokens, model.config.max_position_embeddings)
     canvas = torch.cat([prompt_ids, torch.full((new_tokens,), MASK_ID, dtype=prompt_ids.dtype)])
     result = sample_canvas(model, canvas.to(model.device), cfg, trace)
     new = result.tokens[prompt_ids.numel() :].tolist()

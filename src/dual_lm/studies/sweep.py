@@ -31,11 +31,12 @@ from fractions import Fraction
 from pathlib import Path
 
 from dual_lm.atomic import write_json_atomic, write_text_atomic
-from dual_lm.checkpoint import branch_name, export_checkpoint, list_checkpoints
-from dual_lm.config import BOS_ID, TrainConfig
+from dual_lm.config import TrainConfig
 from dual_lm.errors import UserError
+from dual_lm.studies.heldout import scoring_gap
+from dual_lm.training.checkpoint import branch_name, export_checkpoint, list_checkpoints
+from dual_lm.training.runlog import VAL_KEYS, final_metrics
 
-VAL_KEYS = ("val_ar_nll", "val_md_loss", "val_md_nll", "val_ar_acc", "val_md_acc")
 # a cell result's evaluation part: recomputed (without retraining) when the evaluation options change
 EVAL_KEYS = ("causal_nll", "prefix_nll", "prefix_gain", "windows", "tasks_causal", "tasks_prefix", "evaluation")
 COLUMN_NAMES = {
@@ -96,7 +97,7 @@ def cell_config(base: TrainConfig, alpha: float, repetitions: int, cell_dir: Pat
 
 def train_cell(cfg: TrainConfig, nproc: int) -> None:
     """Train (or resume) the cell's run to ``train.steps``: in this process, or as a torchrun job."""
-    from dual_lm.train import run_training
+    from dual_lm.training.train import run_training
 
     run_dir = Path(cfg.output)
     resume = bool(list_checkpoints(run_dir)) if run_dir.is_dir() else False
@@ -112,55 +113,6 @@ def train_cell(cfg: TrainConfig, nproc: int) -> None:
     command += ["-m", "dual_lm", "train", str(config_file), *(["--resume"] if resume else [])]
     if subprocess.run(command, check=False).returncode != 0:
         raise UserError(f"the torchrun job of {run_dir.parent.name} failed; re-run the sweep to resume it")
-
-
-def final_metrics(run_dir: Path) -> tuple[dict, list[dict]]:
-    """The last validation record of a run and every validation record (the curve)."""
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    curve = [{k: r[k] for k in ("step", "tokens", *VAL_KEYS) if k in r} for r in records if "val_ar_nll" in r]
-    if not curve:
-        raise UserError(f"{run_dir} has no validation record; set eval.batches >= 1 and a validation split")
-    return curve[-1], curve
-
-
-def validation_windows(data_path: str, windows: int, context: int = 64, continuation: int = 32) -> list:
-    """Up to ``windows`` (context, continuation) token pairs cut from the validation documents in order
-    (none for ``windows`` = 0)."""
-    from dual_lm.data import TokenShards
-
-    if windows < 0:
-        raise ValueError(f"windows must be >= 0, got {windows}")
-    if windows == 0:
-        return []
-    shards = TokenShards(data_path, split="valid")
-    pairs, width = [], context - 1 + continuation
-    for doc in range(shards.num_documents):
-        tokens = shards.document(doc).tolist()
-        for start in range(0, len(tokens) - width + 1, width):
-            piece = tokens[start : start + width]
-            pairs.append(([BOS_ID, *piece[: context - 1]], piece[context - 1 :]))
-            if len(pairs) == windows:
-                return pairs
-    return pairs
-
-
-def scoring_gap(model, data_path: str, windows: int, seq_len: int) -> dict:
-    """Mean nats/token of held-out continuations (seq_len/4 tokens after seq_len/2 of context) scored
-    causally and with prefix attention."""
-    from dual_lm.scoring import score_requests
-
-    pairs = validation_windows(data_path, windows, seq_len // 2, seq_len // 4)
-    if not pairs:
-        return {}
-    tokens = sum(len(w) for _, w in pairs)
-    out = {}
-    for mode in ("causal", "prefix"):
-        scores = score_requests(model, pairs, mode, batch_size=16)
-        out[f"{mode}_nll"] = -sum(s.logprob for s in scores) / tokens
-    out["prefix_gain"] = out["causal_nll"] - out["prefix_nll"]
-    out["windows"] = len(pairs)
-    return out
 
 
 def task_scores(model_dir: Path, spec: SweepSpec) -> dict:
@@ -334,7 +286,7 @@ def results_table(results: list[dict]) -> str:
 
 def write_report(results: list[dict], out_dir: Path) -> None:
     """results.json, results.md, heatmap.png and curves.png in ``out_dir``."""
-    from dual_lm.plot import plot_sweep_curves, plot_sweep_heatmap
+    from dual_lm.studies.plot import plot_sweep_curves, plot_sweep_heatmap
 
     write_json_atomic(out_dir / "results.json", {"cells": results})
     write_text_atomic(out_dir / "results.md", results_table(results))

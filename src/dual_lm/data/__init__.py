@@ -1,0 +1,1 @@
+"""Data: the corpus readers, prepare-data (tokenise into shards) and the packed loader."""

@@ -1,0 +1,1 @@
+"""Studies: the alpha x repetitions sweep, the demo, plots, held-out scoring and request files."""
