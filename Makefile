@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/dual-lm demo
 
 test: setup
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n 2 --durations=10
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -1,33 +1,20 @@
-"""convert-reference and info from the command line, and their errors: one clear line, no traceback."""
+"""convert-reference and info from the command line, and their errors: one clear line, no traceback.
+
+The refusals run in-process (``hostile.refuses``); one test runs the console script in its own process
+to prove that a refusal there is one line as well."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from dual_lm.cli import main
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "dual_lm", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-
-
-def assert_clear_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dual-lm "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from hostile import refuses, run_cli
 
 
 @pytest.fixture
@@ -75,71 +62,89 @@ def test_convert_with_tokenizer_and_info(parity_dir, tokenizer_51200, tmp_path):
         ]
     )
     assert rc == 0 and (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
-    proc = run_cli("info", out)
-    assert proc.returncode == 0, proc.stderr
-    assert "layers" in proc.stdout and "2" in proc.stdout and "tokenizer.json" in proc.stdout
-    assert "AutoModelForQuestionAnswering" in proc.stdout and "bidirectional" in proc.stdout
+    info = run_cli(["info", out])
+    assert info.code == 0, info.err
+    assert "tokenizer.json" in info.out and "AutoModelForQuestionAnswering" in info.out and "bidirectional" in info.out
+    assert re.search(r"layers\s+2\b", info.out), info.out
 
 
 def test_missing_tensor(broken):
     tmp, config, state = broken
     del state["encoder.layers.1.mlp.up_proj.weights.1"]
-    assert_clear_error(
-        run_cli(*convert_args(tmp, config, state)), "missing tensors", "encoder.layers.1.mlp.up_proj.weights.1"
+    refuses(
+        convert_args(tmp, config, state),
+        "convert-reference",
+        r"missing tensors.*encoder\.layers\.1\.mlp\.up_proj\.weights\.1",
+        tmp,
     )
 
 
 def test_unexpected_tensor(broken):
     tmp, config, state = broken
     state["encoder.layers.2.attention.out_proj.weight"] = torch.zeros(64, 64)
-    assert_clear_error(run_cli(*convert_args(tmp, config, state)), "unexpected tensors", "layers.2.attention.out_proj")
+    refuses(
+        convert_args(tmp, config, state),
+        "convert-reference",
+        r"unexpected tensors.*layers\.2\.attention\.out_proj",
+        tmp,
+    )
 
 
 def test_misshaped_tensor(broken):
     tmp, config, state = broken
     state["classifier.projection.weight"] = torch.zeros(64, 32)
-    assert_clear_error(
-        run_cli(*convert_args(tmp, config, state)), "mis-shaped", "classifier.projection.weight (64, 32)"
+    refuses(
+        convert_args(tmp, config, state),
+        "convert-reference",
+        r"mis-shaped.*classifier\.projection\.weight \(64, 32\)",
+        tmp,
     )
 
 
 def test_unknown_config_key(broken):
     tmp, config, state = broken
     config["num_layer"] = 2
-    assert_clear_error(run_cli(*convert_args(tmp, config, state)), "unknown key", "'num_layer'", "num_layers")
+    refuses(convert_args(tmp, config, state), "convert-reference", r"unknown key.*'num_layer'.*num_layers", tmp)
 
 
-def test_module_prefix_from_ddp_is_accepted(broken):
+def test_module_prefix_from_ddp_is_accepted(broken, converted):
     tmp, config, state = broken
     state = {f"module.{k}": v for k, v in state.items()}
-    proc = run_cli(*convert_args(tmp, config, state))
-    assert proc.returncode == 0, proc.stderr
+    outcome = run_cli(convert_args(tmp, config, state))
+    assert outcome.code == 0, outcome.err
+    # the same tensors as the unprefixed checkpoint, converted by the fixture
+    assert (tmp / "out" / "model.safetensors").read_bytes() == (converted / "model.safetensors").read_bytes()
 
 
 def test_existing_output_is_not_overwritten(converted):
-    proc = run_cli("convert-reference", "--config", "x.json", "--state-dict", "y.bin", converted)
-    assert_clear_error(proc, "exists and is a model folder")
+    argv = ["convert-reference", "--config", "x.json", "--state-dict", "y.bin", converted]
+    refuses(argv, "convert-reference", "exists and is a model folder", converted)
 
 
 def test_missing_inputs(tmp_path):
-    assert_clear_error(
-        run_cli(
-            "convert-reference", "--config", tmp_path / "no.json", "--state-dict", tmp_path / "no.bin", tmp_path / "o"
-        ),
-        "does not exist",
-    )
-    assert_clear_error(run_cli("info", tmp_path / "nothing"), "does not exist")
+    argv = ["convert-reference", "--config", tmp_path / "no.json", "--state-dict", tmp_path / "no.bin", tmp_path / "o"]
+    refuses(argv, "convert-reference", "does not exist", tmp_path)
+    assert not (tmp_path / "o").exists()
+    refuses(["info", tmp_path / "nothing"], "info", "does not exist", tmp_path)
 
 
 def test_info_on_folder_without_weights(converted, tmp_path):
     folder = tmp_path / "partial"
     folder.mkdir()
     shutil.copy(converted / "config.json", folder / "config.json")
-    assert_clear_error(run_cli("info", folder), "has no weights")
+    refuses(["info", folder], "info", "has no weights", tmp_path)
 
 
-def test_console_script_and_help():
-    proc = run_cli("--help")
-    assert proc.returncode == 0 and "convert-reference" in proc.stdout and "info" in proc.stdout
-    exe = shutil.which("dual-lm", path=str(__import__("pathlib").Path(sys.executable).parent))
+def test_console_script_refusal_is_one_line_in_its_own_process(tmp_path):
+    """The installed console script, in a fresh process: help works, and a refusal is one line, exit 2."""
+    exe = shutil.which("dual-lm", path=str(Path(sys.executable).parent))
     assert exe is not None
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    helped = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert helped.returncode == 0 and "convert-reference" in helped.stdout and "info" in helped.stdout
+    proc = subprocess.run(
+        [exe, "info", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dual-lm info: error: ") and "does not exist" in lines[0], lines

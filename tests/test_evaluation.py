@@ -15,6 +15,7 @@ from dual_lm.errors import UserError
 from dual_lm.evaluation import data, metrics, prompts, tasks
 from dual_lm.evaluation.metrics import ItemResult
 from dual_lm.evaluation.runner import EvalSettings, encode_request, run_task
+from weights import perturbed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 TASK_YAML = """task: {name}
@@ -71,10 +72,7 @@ def folder(tmp_path_factory) -> Path:
     save_tokenizer(train_tokenizer(iter(texts), vocab_size=512), root / "tok.json")
     torch.manual_seed(0)
     shape = dataclasses.replace(PRESETS["tiny"], vocab_size=512, max_position_embeddings=512)
-    model = DLMLlamaForCausalLM(llama_config(shape)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed(DLMLlamaForCausalLM(llama_config(shape)), scale=0.05)
     return save_folder(model, root / "tiny-eval", root / "tok.json")
 
 
@@ -280,7 +278,11 @@ def test_adapter_runs_a_local_task_end_to_end(folder, loaded, task_dir):
     model, tok = loaded
     ours = run_task(model, tok, "arc_easy", [prompts.arc(r) for r in rows("arc_mini.jsonl")], EvalSettings())
     assert results["causal"]["acc,none"] == pytest.approx(ours.score.acc / 100)
-    assert 0.0 <= results["masked"]["acc,none"] <= 1.0
+    masked_items = [prompts.arc(r) for r in rows("arc_mini.jsonl")][:10]
+    masked = run_task(model, tok, "arc_easy", masked_items, EvalSettings("masked", mask_n=2))
+    assert masked.score.items == 10
+    assert results["masked"]["acc,none"] == pytest.approx(masked.score.acc / 100)
+    assert results["masked"]["acc_norm,none"] == pytest.approx(masked.score.acc_norm / 100)
 
 
 def explicit_rolling(model, bos: int, ids: list[int], limit: int) -> float:
@@ -331,7 +333,15 @@ def test_adapter_generation_fits_the_context_and_stops(folder):
     outs = lm.generate_until(
         [Req("Question: a\nAnswer:", {"until": ["e"], "max_gen_toks": 6}), Req("The", {"until": [], "max_gen_toks": 3})]
     )
-    assert len(outs) == 2 and "e" not in outs[0] and all(isinstance(o, str) for o in outs)
+    by_hand = []
+    for prompt, new, stop in (("Question: a\nAnswer:", 6, "e"), ("The", 3, None)):
+        ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            for _ in range(new):  # greedy, uncached: the slow twin
+                ids = torch.cat([ids, lm.model(ids).logits[:, -1:].argmax(-1)], 1)
+        text = lm.tokenizer.decode(ids[0], skip_special_tokens=True)[len(prompt) :]
+        by_hand.append(text.split(stop)[0] if stop else text)
+    assert outs == by_hand and any(outs)
     text = "The cats sleep on the mat. Every child likes games. The dog runs."
     lm.model.config.max_position_embeddings = 8
     try:
@@ -340,7 +350,11 @@ def test_adapter_generation_fits_the_context_and_stops(folder):
         assert 1 < len(lm.tokenizer(prompt)["input_ids"]) <= 5 and prompt.strip() and text.endswith(prompt.strip())
         assert lm._fit_prompt("Hi", 3) == "Hi"
         (out,) = lm.generate_until([Req(text, {"until": [], "max_gen_toks": 20})])  # more than the context
-        assert isinstance(out, str)
+        ids = lm.tokenizer(prompt := lm._fit_prompt(text, 7), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            while ids.shape[1] < 8:
+                ids = torch.cat([ids, lm.model(ids).logits[:, -1:].argmax(-1)], 1)
+        assert out == lm.tokenizer.decode(ids[0], skip_special_tokens=True)[len(prompt) :]
     finally:
         lm.model.config.max_position_embeddings = 512
 

@@ -6,29 +6,36 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from dual_lm import DLMLlamaForCausalLM
 from dual_lm.folder import check_folder, save_folder
 from dual_lm.modeling_dlm_llama import AUTO_MAP
+from weights import perturbed
 
 FRESH_PROCESS = r"""
 import sys, json
 sys.modules["dual_lm"] = None          # make `import dual_lm` fail: only the folder's own file may be used
 sys.modules["hf_model_llama"] = None
 import torch, transformers
-folder, auto, ids = sys.argv[1], sys.argv[2], torch.tensor(json.loads(sys.argv[3]))
-cls = getattr(transformers, auto)
-model = cls.from_pretrained(folder, trust_remote_code=True).eval()
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+folder, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
 tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 roles = (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token, tok.mask_token)
 assert roles == ("<s>", "</s>", "<unk>", "<pad>", "<mask>"), roles
 assert tok("a b")["input_ids"][0] == 1
-with torch.no_grad():
-    out = model(ids)
-value = out.logits if hasattr(out, "logits") else out.start_logits
-print(json.dumps({"class": type(model).__name__, "sum": value.double().sum().item()}))
+found = {}
+for auto in json.loads(sys.argv[4]):
+    model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        output = model(ids)
+    found[auto] = {
+        "class": type(model).__name__,
+        "state": model.state_dict(),
+        "outputs": {k: v for k, v in output.items() if torch.is_tensor(v)},
+    }
+torch.save(found, out)
 """
 
 
@@ -39,7 +46,7 @@ def folder(tokenizer_51200, tmp_path_factory):
     from dual_lm.config import PRESETS, llama_config
 
     config = llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200), num_labels=3)
-    model = DLMLlamaForCausalLM(config)
+    model = perturbed(DLMLlamaForCausalLM(config))
     return save_folder(model, tmp_path_factory.mktemp("auto") / "model", tokenizer_51200)
 
 
@@ -49,48 +56,65 @@ def test_config_loads_as_llama_with_auto_map(folder):
     assert json.loads((folder / "config.json").read_text())["auto_map"] == AUTO_MAP
 
 
-@pytest.mark.parametrize("auto", sorted(AUTO_MAP))
-def test_auto_classes_load_in_fresh_process_without_dual_lm(folder, auto):
-    ids = [[1, 20, 30, 40, 50]]
+def test_auto_classes_load_in_fresh_process_without_dual_lm(folder, tmp_path):
+    """Every Auto class, in one process that cannot import dual_lm: the folder's weights are loaded
+    (the heads the folder lacks are new), and each output equals our class on the same weights."""
+    import dual_lm
+
+    ids = [[1, 20, 30, 40, 50], [1, 60, 70, 80, 90]]
+    dumped = tmp_path / "found.pt"
     proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(folder), auto, json.dumps(ids)],
+        [sys.executable, "-c", FRESH_PROCESS, str(folder), json.dumps(ids), str(dumped), json.dumps(sorted(AUTO_MAP))],
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["class"] == AUTO_MAP[auto].split(".")[-1]
-    if auto == "AutoModelForCausalLM":
-        model = DLMLlamaForCausalLM.from_pretrained(folder).eval()
+    found = torch.load(dumped, weights_only=True)
+    saved = load_file(folder / "model.safetensors")
+    assert sorted(found) == sorted(AUTO_MAP)
+    for auto, got in found.items():
+        name = AUTO_MAP[auto].split(".")[-1]
+        assert got["class"] == name
+        state = got["state"]
+        trunk = sorted(k for k in saved if k.startswith("model."))  # the heads that the folder lacks are new
+        assert trunk and all(torch.equal(state[k], saved[k]) for k in trunk), auto
+        if auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM"):
+            assert all(torch.equal(state[k], saved[k]) for k in saved), auto
+        ours = getattr(dual_lm, name)(DLMLlamaForCausalLM.config_class.from_pretrained(folder)).eval()
+        ours.load_state_dict(state)
         with torch.no_grad():
-            expected = model(torch.tensor(ids)).logits.double().sum().item()
-        assert result["sum"] == pytest.approx(expected, rel=1e-6)
+            expected = ours(torch.tensor(ids))
+        assert sorted(got["outputs"]) == sorted(k for k, v in expected.items() if torch.is_tensor(v)), auto
+        for key, value in got["outputs"].items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
 def test_save_folder_replaces_atomically_only_when_allowed(tiny_config, tmp_path):
     from dual_lm.errors import UserError
 
     out = tmp_path / "m"
-    save_folder(DLMLlamaForCausalLM(tiny_config), out)
+    save_folder(perturbed(DLMLlamaForCausalLM(tiny_config)), out)
     first = (out / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="refusing to replace"):
-        save_folder(DLMLlamaForCausalLM(tiny_config), out)
+        save_folder(perturbed(DLMLlamaForCausalLM(tiny_config)), out)
     assert (out / "model.safetensors").read_bytes() == first
-    save_folder(DLMLlamaForCausalLM(tiny_config), out, overwrite=True)
+    save_folder(perturbed(DLMLlamaForCausalLM(tiny_config), seed=1), out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging or old copies left
 
 
 def test_save_folder_failure_keeps_previous(tiny_config, tmp_path):
     out = tmp_path / "m"
-    save_folder(DLMLlamaForCausalLM(tiny_config), out)
+    save_folder(perturbed(DLMLlamaForCausalLM(tiny_config)), out)
     before = (out / "model.safetensors").read_bytes()
     from dual_lm.errors import UserError
 
     with pytest.raises(UserError, match="does not exist"):
-        save_folder(DLMLlamaForCausalLM(tiny_config), out, tokenizer_path=tmp_path / "missing.json", overwrite=True)
+        save_folder(
+            perturbed(DLMLlamaForCausalLM(tiny_config)), out, tokenizer_path=tmp_path / "missing.json", overwrite=True
+        )
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 

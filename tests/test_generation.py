@@ -1,5 +1,6 @@
 """Masked fill and diffusion sampling on a small random model with a real tokenizer."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -16,7 +17,9 @@ from dual_lm.inference.generation import (
     generate_batch,
     generate_text,
 )
+from dual_lm.inference.sampling import cut_at_eos
 from dual_lm.tokens import MASK_ID
+from weights import perturbed
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +30,7 @@ def model_and_tokenizer(tokenizer_51200):
     from dual_lm.tokens import ROLE_TOKENS
 
     torch.manual_seed(0)
-    model = DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200))).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed(DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200))), 0.05)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer_file(tokenizer_51200), **ROLE_TOKENS)
     return model, tokenizer
 
@@ -66,23 +66,51 @@ def test_greedy_confidence_commits_the_argmax_read_at_the_previous_position(mode
     assert out[3].item() == logits.argmax().item()
 
 
-def test_infill_keeps_both_sides_and_picks_a_length(model_and_tokenizer):
+def test_infill_picks_the_length_whose_span_scores_best(model_and_tokenizer):
+    """Against a plain loop: each candidate canvas filled, its span scored by mean log-probability read at i-1."""
     model, _ = model_and_tokenizer
     before, after = torch.tensor([1, 300, 301]), torch.tensor([302, 303])
-    span, length, score = infill(model, before, after, [1, 2, 3], DiffusionConfig(steps=3))
-    assert length in (1, 2, 3) and len(span) == length and MASK_ID not in span and score < 0
+    cfg = DiffusionConfig(steps=3)
+    span, length, score = infill(model, before, after, [1, 2, 3], cfg)
+    by_hand = {}
+    for n in (1, 2, 3):
+        filled = sample_canvas(model, torch.cat([before, torch.full((n,), MASK_ID), after]), cfg).tokens
+        assert torch.equal(filled[:3], before) and torch.equal(filled[3 + n :], after)
+        with torch.no_grad():
+            logp = model(filled[None], attention_mode="bidirectional").logits[0].log_softmax(-1)
+        by_hand[n] = (filled[3 : 3 + n].tolist(), sum(logp[2 + j, filled[3 + j]].item() for j in range(n)) / n)
+    best = max(by_hand, key=lambda n: by_hand[n][1])
+    assert (span, length) == (by_hand[best][0], best) and score == pytest.approx(by_hand[best][1], abs=1e-6)
+    assert MASK_ID not in span and len({round(v[1], 6) for v in by_hand.values()}) == 3  # a real choice
+    assert infill(model, before, after, 2, cfg)[:2] == (by_hand[2][0], 2)
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 2, 7, 2]) == [5, 6] and cut_at_eos([5, 6]) == [5, 6] and cut_at_eos([2, 5]) == []
 
 
 def test_diffusion_generate_cuts_at_eos_and_checks_the_context(model_and_tokenizer):
     model, _ = model_and_tokenizer
-    new, _ = diffusion_generate(model, torch.tensor([1, 300]), 6, DiffusionConfig(steps=6))
-    assert len(new) <= 6 and 2 not in new
+    model = copy.deepcopy(model)
+    prompt = torch.tensor([1, 300])
+    with torch.no_grad():  # raise </s> until a canvas holds it after some other tokens
+        for _ in range(40):
+            canvas = sample_canvas(model, torch.cat([prompt, torch.full((6,), MASK_ID)]), DiffusionConfig(steps=6))
+            full = canvas.tokens[2:].tolist()
+            if 2 in full[1:] and full[0] != 2:
+                break
+            model.lm_head.output.bias[2] += 0.5
+    assert 2 in full[1:] and full[0] != 2, full
+    new, _ = diffusion_generate(model, prompt, 6, DiffusionConfig(steps=6))
+    assert new == full[: full.index(2)]
+    kept, _ = diffusion_generate(model, prompt, 6, DiffusionConfig(steps=6, stop_at_eos=False))
+    assert kept == full
     with pytest.raises(ValueError, match="exceed the context"):
-        diffusion_generate(model, torch.tensor([1, 300]), 5000, DiffusionConfig())
+        diffusion_generate(model, prompt, 5000, DiffusionConfig())
     with pytest.raises(ValueError, match="unknown strategy"):
-        diffusion_generate(model, torch.tensor([1, 300]), 4, DiffusionConfig(strategy="best"))
+        diffusion_generate(model, prompt, 4, DiffusionConfig(strategy="best"))
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        diffusion_generate(model, torch.tensor([1, 300]), 4, DiffusionConfig(steps=0))
+        diffusion_generate(model, prompt, 4, DiffusionConfig(steps=0))
 
 
 def test_fill_reads_each_mask_at_the_previous_position(model_and_tokenizer):
@@ -219,7 +247,7 @@ def test_cli_generate_streams_one_prompt_and_batches_a_file(tokenizer_51200, tmp
     from dual_lm.folder import save_folder
 
     torch.manual_seed(0)
-    model = DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200)))
+    model = perturbed(DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200))))
     folder = str(save_folder(model, tmp_path / "m", tokenizer_51200))
     assert main(["generate", folder, "--prompt", "Hello there", "--max-new-tokens", "5"]) == 0
     streamed = capsys.readouterr().out

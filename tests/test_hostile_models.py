@@ -33,6 +33,7 @@ from dual_lm.folder import check_folder, load_model, save_folder
 from dual_lm.ownership import LOCK_NAME, exclusive
 from hostile import dead_pid, run_cli, snapshot
 from hostile import refuses as _refuses
+from weights import perturbed
 
 SHAPE = dataclasses.replace(PRESETS["tiny"], max_position_embeddings=64)  # vocab 512
 REFERENCE_CONFIG = {
@@ -54,11 +55,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 def perturbed_model(vocab: int = 512, seed: int = 1) -> DLMLlamaForCausalLM:
     """A tiny model whose every weight is random (a fresh one has all-zero projections and biases)."""
     torch.manual_seed(seed)
-    model = DLMLlamaForCausalLM(llama_config(dataclasses.replace(SHAPE, vocab_size=vocab)))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    return model
+    return perturbed(DLMLlamaForCausalLM(llama_config(dataclasses.replace(SHAPE, vocab_size=vocab))), seed=seed)
 
 
 def refuses(argv: list, command: str, pattern: str, root: Path):

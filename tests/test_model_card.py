@@ -5,14 +5,18 @@ a folder holding a random 51,200-vocabulary ``tiny`` model with the published to
 """
 
 import dataclasses
+import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from dual_lm import DLMLlamaForCausalLM
 from dual_lm.config import PRESETS, llama_config
 from dual_lm.folder import save_folder
+from weights import perturbed
 
 LOADING = """
 from transformers import AutoTokenizer, LlamaConfig
@@ -106,25 +110,60 @@ SNIPPETS = {"loading": LOADING, "generation": GENERATION, "masked": MASKED, "per
 @pytest.fixture(scope="module")
 def card_folder(tokenizer_51200, tmp_path_factory):
     shape = dataclasses.replace(PRESETS["tiny"], vocab_size=51200)
-    model = DLMLlamaForCausalLM(llama_config(shape))
+    model = perturbed(DLMLlamaForCausalLM(llama_config(shape)))
     return save_folder(model, tmp_path_factory.mktemp("card") / "dual-lm-470m", tokenizer_51200)
 
 
-@pytest.mark.parametrize("name", list(SNIPPETS))
-def test_model_card_snippet_runs_verbatim(card_folder, name):
-    code = SNIPPETS[name].replace('"ltg/dual-lm-470m"', repr(str(card_folder)))
-    assert code.count(repr(str(card_folder))) == 1
+# Runs every snippet in one fresh process, each in its own namespace, and reports what each printed.
+RUNNER = r"""
+import contextlib, io, json, sys
+printed = {}
+for name, code in json.loads(sys.argv[1]).items():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, name, "exec"), {"__name__": "__main__"})
+    printed[name] = out.getvalue()
+print(json.dumps(printed))
+"""
+
+
+@pytest.fixture(scope="module")
+def printed(card_folder):
+    codes = {}
+    for name, snippet in SNIPPETS.items():
+        codes[name] = snippet.replace('"ltg/dual-lm-470m"', repr(str(card_folder)))
+        assert codes[name].count(repr(str(card_folder))) == 1
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", RUNNER, json.dumps(codes)],
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(SNIPPETS))
+def test_model_card_snippet_runs_verbatim(printed, card_folder, name):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(card_folder)
+    model = DLMLlamaForCausalLM.from_pretrained(card_folder).eval()
     if name == "perplexity":
-        assert "Perplexity:" in proc.stdout
-        loss = float(proc.stdout.split("Loss (NLL per token): ")[1].split()[0])
-        assert 5.0 < loss < 20.0  # a random 51,200-way model sits near ln(51200) = 10.8
-    if name == "masked":
-        assert proc.stdout.startswith("Predicted: ")
+        ids = tokenizer("Language models predict the next token in a sequence.", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+        assert printed[name] == f"Loss (NLL per token): {loss:.4f}\nPerplexity: {math.exp(loss):.2f}\n"
+    elif name == "masked":
+        ids = tokenizer("The capital of <mask> is Paris", return_tensors="pt")["input_ids"]
+        at = ids[0].tolist().index(tokenizer.mask_token_id)
+        with torch.no_grad():
+            logits = model(ids, attention_mode="bidirectional").logits
+        assert printed[name] == f"Predicted: {tokenizer.decode(logits[0, at - 1].argmax())}\n"
+    elif name == "generation":
+        text = printed[name]
+        assert text.startswith("The history of artificial intelligence begins with") and len(text) > 60
+    else:
+        assert printed[name] == ""

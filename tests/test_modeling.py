@@ -14,20 +14,13 @@ from dual_lm import (
     DLMLlamaForTokenClassification,
 )
 from dual_lm.modeling_dlm_llama import allowed_attention
+from weights import perturbed
 
 
 def random_ids(batch=2, length=12, vocab=512):
     ids = torch.randint(16, vocab, (batch, length))
     ids[:, 0] = 1
     return ids
-
-
-def perturbed(model):
-    """Fresh models start with zero attention-output and down projections; perturb so attention matters."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
 
 
 @pytest.fixture
@@ -137,9 +130,10 @@ def test_left_and_right_padding_match_unpadded(model, mode):
 
 
 def test_sdpa_mask_equals_eager_twin(model, tiny_config):
-    eager = DLMLlamaForCausalLM(tiny_config).eval()
+    eager = DLMLlamaForCausalLM(copy.deepcopy(tiny_config)).eval()  # its own config: the twin must not share it
     eager.load_state_dict(model.state_dict())
     eager.config._attn_implementation = "eager"
+    assert model.config._attn_implementation == "sdpa"
     ids = random_ids()
     docs = torch.tensor([[0] * 6 + [1] * 6, [0] * 3 + [1] * 9])
     mask = torch.ones_like(ids)
@@ -197,7 +191,7 @@ def test_reference_initialisation(tiny_config):
 def test_save_and_reload_round_trip(cls, tiny_config, tmp_path):
     from dual_lm.folder import save_folder
 
-    model = cls(tiny_config).eval()
+    model = perturbed(cls(tiny_config))
     save_folder(model, tmp_path / "m")
     again = cls.from_pretrained(tmp_path / "m").eval()
     ids = random_ids()

@@ -9,6 +9,7 @@ from dual_lm import DLMLlamaForCausalLM
 from dual_lm.config import PRESETS, llama_config
 from dual_lm.inference.scoring import masked_rows, score_requests
 from dual_lm.tokens import MASK_ID
+from weights import perturbed
 
 REQUESTS = [
     ([1, 20, 30, 40], [50, 60]),
@@ -83,7 +84,7 @@ def test_split_pair_and_cli(tokenizer_51200, tmp_path, capsys):
 
     torch.manual_seed(0)
     folder = save_folder(
-        DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200))),
+        perturbed(DLMLlamaForCausalLM(llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200)))),
         tmp_path / "m",
         tokenizer_51200,
     )
@@ -182,8 +183,10 @@ def test_cli_scores_texts_and_the_md_bound(tokenizer_51200, tmp_path, capsys):
     from dual_lm.folder import save_folder
 
     folder = save_folder(
-        DLMLlamaForCausalLM(
-            llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200, max_position_embeddings=64))
+        perturbed(
+            DLMLlamaForCausalLM(
+                llama_config(dataclasses.replace(PRESETS["tiny"], vocab_size=51200, max_position_embeddings=64))
+            )
         ),
         tmp_path / "m",
         tokenizer_51200,

@@ -123,7 +123,19 @@ def test_task_scores_of_a_cell(data_dir, tmp_path):
     model = tmp_path / "g" / "alpha_0.500_n-reps=1" / "model"
     spec = SweepSpec((0.5,), (1,), tmp_path / "g", tasks=("arc_easy", "piqa"), eval_limit=4)
     scores = task_scores(model, spec)
-    assert set(scores) == {"tasks_causal", "tasks_prefix"} and all(-100 <= v <= 100 for v in scores.values())
+    assert set(scores) == {"tasks_causal", "tasks_prefix"}
+    from dual_lm.evaluation.runner import EvalSettings, run_task
+    from dual_lm.evaluation.tasks import load_items
+    from dual_lm.folder import load_folder
+
+    loaded, tokenizer = load_folder(model)
+    for mode in ("causal", "prefix"):  # by hand: 100 (acc - chance) / (100 - chance), averaged over the tasks
+        runs = [
+            run_task(loaded, tokenizer, t, load_items(t, 4), EvalSettings(mode, progress=False)) for t in spec.tasks
+        ]
+        assert all(run.score.items == 4 for run in runs)
+        normalized = [100 * (r.score.acc - r.score.chance) / (100 - r.score.chance) for r in runs]
+        assert scores[f"tasks_{mode}"] == pytest.approx(sum(normalized) / len(normalized), abs=1e-9)
     assert task_scores(model, SweepSpec((0.5,), (1,), tmp_path / "g")) == {}
 
 
