@@ -35,6 +35,9 @@ for auto in json.loads(sys.argv[4]):
         "state": model.state_dict(),
         "outputs": {k: v for k, v in output.items() if torch.is_tensor(v)},
     }
+fill = transformers.pipeline("fill-mask", model=folder, trust_remote_code=True)
+assert type(fill).__module__.startswith("transformers_modules"), type(fill).__module__
+found["fill"] = [(c["token_str"], c["score"]) for c in fill("The king <mask> the crown", top_k=3)]
 torch.save(found, out)
 """
 
@@ -72,6 +75,14 @@ def test_auto_classes_load_in_fresh_process_without_dual_lm(folder, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = torch.load(dumped, weights_only=True)
+    from dual_lm.folder import load_folder
+    from dual_lm.inference.generation import fill_masks
+
+    model, tokenizer = load_folder(folder)
+    expected_fill = fill_masks(model, tokenizer, "The king <mask> the crown", top_k=3)[0].candidates
+    fill = found.pop("fill")  # the folder's own pipeline, in a process without dual_lm
+    assert [t for t, _ in fill] == [t for t, _ in expected_fill]
+    assert [p for _, p in fill] == pytest.approx([p for _, p in expected_fill], abs=1e-7)
     saved = load_file(folder / "model.safetensors")
     assert sorted(found) == sorted(AUTO_MAP)
     for auto, got in found.items():

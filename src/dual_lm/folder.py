@@ -387,19 +387,31 @@ def describe_folder(folder: str | Path) -> str:
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
+DEVICES = "cpu, cuda, cuda:N, mps or auto"  # what --device takes; auto: CUDA, else MPS, else the CPU
+
+
 def check_device(device: str):
-    """``device`` as a ``torch.device``; one clear error when it is malformed or names a missing GPU."""
+    """``device`` as a ``torch.device`` (``auto``: the first of CUDA, MPS and the CPU that this machine
+    has); one clear error when it is malformed or names a device that is not there."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise UserError(f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {device!r} ({err}); use {DEVICES}") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not has_mps:
+        raise UserError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {device!r} is not supported; use {DEVICES}")
     return parsed
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlamaConfig
 from transformers import initialization as init
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -43,6 +44,10 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 ATTENTION_MODES = ("causal", "bidirectional", "prefix")
 _PER_ROW = "per-row"  # run_trunk's pattern when row_causal mixes causal and bidirectional rows
 MODELING_FILE = "modeling_dlm_llama.py"
+PIPELINE_FILE = "pipeline_dlm_fill_mask.py"  # the MNTP fill-mask pipeline, copied into every folder beside this file
+CUSTOM_PIPELINES = {  # config.custom_pipelines: pipeline("fill-mask", model=FOLDER, trust_remote_code=True) uses it
+    "fill-mask": {"impl": "pipeline_dlm_fill_mask.MNTPFillMaskPipeline", "pt": ["AutoModelForMaskedLM"], "tf": []}
+}
 AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_dlm_llama.DLMLlamaForCausalLM",
     "AutoModelForMaskedLM": "modeling_dlm_llama.DLMLlamaForMaskedLM",
@@ -309,10 +314,12 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config as transformers does, plus this modeling file and an ``auto_map``."""
         self.config.auto_map = dict(AUTO_MAP)
+        self.config.custom_pipelines = {k: dict(v) for k, v in CUSTOM_PIPELINES.items()}
         super().save_pretrained(save_directory, *args, **kwargs)
-        target = Path(save_directory) / MODELING_FILE
-        if Path(__file__).resolve() != target.resolve():
-            shutil.copyfile(__file__, target)
+        for name in (MODELING_FILE, PIPELINE_FILE):  # the pipeline file lies beside this one
+            source, target = Path(__file__).with_name(name), Path(save_directory) / name
+            if source.resolve() != target.resolve():
+                shutil.copyfile(source, target)
 
 
 class _OnePassForward:
@@ -345,6 +352,15 @@ class _OnePassForward:
         return self._head_outputs(outputs, labels, input_ids, attention_mask, **kwargs)
 
 
+def weighted_next_token_loss(logits: torch.Tensor, shift_labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j CE_j / (B x T) over positions with a label (-100: none): the reference trainer's AR
+    (w = AR weight) and MD (w = 1 / t~) losses, normalised by every position of the batch."""
+    if shift_labels is None or shift_labels.shape != logits.shape[:2] or weights.shape != logits.shape[:2]:
+        raise ValueError("label_weights needs shift_labels, both of the logits' shape [B, T]")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), reduction="none", ignore_index=-100)
+    return (weights.flatten().float() * ce).sum() / shift_labels.numel()
+
+
 class _DLMWithLMHead(DLMLlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -365,6 +381,9 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
     """Causal LM by default; ``attention_mode`` / ``prefix_lengths`` / ``document_ids`` select other patterns.
 
     ``labels`` gives the shifted next-token cross-entropy exactly as ``LlamaForCausalLM``.
+    ``shift_labels`` (aligned with the logits) with ``label_weights`` [B, T] and ``row_causal`` [B] gives
+    the dual objective's weighted loss, sum w CE / (B x T), each row causal or bidirectional: what
+    ``dual_lm.DualObjectiveCollator`` feeds it under ``Trainer``.
     """
 
     default_attention_mode = "causal"
@@ -383,8 +402,10 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
         prefix_lengths: torch.LongTensor | None = None,
         document_ids: torch.LongTensor | None = None,
         past_key_values=None,
+        label_weights: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.run_trunk(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -404,8 +425,12 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
             hidden = hidden[:, logits_to_keep, :]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if label_weights is not None:
+            loss = weighted_next_token_loss(logits, shift_labels, label_weights)
+        elif labels is not None or shift_labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, shift_labels=shift_labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -426,20 +451,50 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
 class DLMLlamaForMaskedLM(_OnePassForward, _DLMWithLMHead):
     """Bidirectional (MNTP) LM: logits[:, i] predict token i+1, so a ``<mask>`` at i is read at i-1.
 
-    ``labels`` [B, T] are aligned with the logits (label i is the target of position i; -100
-    ignores a position), i.e. the caller applies the next-token shift, as the reference trainer does.
+    ``labels`` [B, T] follow transformers' MLM convention: aligned with ``input_ids`` (the original
+    token where the input is masked, -100 elsewhere), as ``DataCollatorForLanguageModeling(mlm=True)``
+    makes them. The next-token shift is applied inside, as ``LlamaForCausalLM`` does for causal labels:
+    the label at i is the target of the logits at i-1. Labels already aligned with the logits go in
+    ``shift_labels`` instead (transformers' keyword for exactly that).
     """
 
     default_attention_mode = "bidirectional"
 
     def _head_outputs(self, outputs, labels, input_ids, attention_mask, **kwargs) -> MaskedLMOutput:
+        _warn_if_stock_fill_mask()
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = ForCausalLMLoss(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+STOCK_FILL_MASK_WARNING = (
+    "transformers' stock FillMaskPipeline reads the prediction at the <mask> position, but this MNTP "
+    "model predicts the token at position i from position i-1: its answers are wrong. Load the pipeline "
+    "from the model folder instead: pipeline('fill-mask', model=FOLDER, trust_remote_code=True), or pass "
+    "pipeline_class=dual_lm.MNTPFillMaskPipeline"
+)
+
+
+def _warn_if_stock_fill_mask(depth: int = 8) -> None:
+    """Warn (once per process, through ``warnings``) when transformers' own ``FillMaskPipeline`` calls
+    this model: a caller frame whose ``self`` is such a pipeline, not the folder's MNTP subclass."""
+    import sys
+    import warnings
+
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        caller = frame.f_locals.get("self")
+        names = {c.__name__ for c in type(caller).__mro__}
+        if "FillMaskPipeline" in names and not getattr(caller, "reads_before_mask", False):
+            warnings.warn(STOCK_FILL_MASK_WARNING, UserWarning, stacklevel=2)
+            return
+        frame = frame.f_back
 
 
 class _DLMTaskModel(DLMLlamaPreTrainedModel):

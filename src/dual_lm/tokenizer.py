@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -9,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dual_lm.atomic import write_text_atomic
 from dual_lm.errors import UserError
-from dual_lm.tokens import ROLE_TOKENS, SPECIAL_TOKENS
+from dual_lm.tokens import MASK_ID, ROLE_TOKENS, SPECIAL_TOKENS
 
 
 def load_tokenizer_file(path: str | Path) -> Tokenizer:
@@ -30,6 +31,20 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
     if wrong:
         raise UserError(f"tokenizer {path} lacks the special tokens at their ids: {', '.join(wrong)}")
     return tokenizer
+
+
+def with_mask_strips(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` with ``<mask>`` declared lstrip and rstrip: it absorbs the spaces around it.
+
+    The recipe's normaliser prepends a space to every segment between added tokens, so without the
+    strips ``"of <mask> is"`` becomes ``Ġof Ġ <mask> Ġ Ġis``: the position before the mask, where MNTP
+    reads the prediction, holds a stray space token. With them the ids equal the pieces encoded on their
+    own (``dual-lm fill``'s encoding). Text without ``<mask>`` tokenises exactly as before."""
+    spec = json.loads(tokenizer.to_str())
+    for added in spec.get("added_tokens", []):
+        if added["content"] == SPECIAL_TOKENS[MASK_ID]:
+            added["lstrip"] = added["rstrip"] = True
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def tokenizer_vocab_size(tokenizer: Tokenizer) -> int:
@@ -54,7 +69,7 @@ def check_tokenizer_fits(path: str | Path, vocab_size: int) -> Tokenizer:
 def save_folder_tokenizer(path: str | Path, folder: str | Path, max_length: int) -> PreTrainedTokenizerFast:
     """Save ``tokenizer.json`` and its config into a model folder so ``AutoTokenizer`` loads it."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=load_tokenizer_file(path), model_max_length=max_length, **ROLE_TOKENS
+        tokenizer_object=with_mask_strips(load_tokenizer_file(path)), model_max_length=max_length, **ROLE_TOKENS
     )
     tokenizer.save_pretrained(str(folder))
     return tokenizer
@@ -125,7 +140,7 @@ def train_tokenizer(texts, vocab_size: int, total: int | None = None) -> Tokeniz
         show_progress=True,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=total)
-    return tokenizer
+    return with_mask_strips(tokenizer)
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_path: str | Path) -> None:

@@ -32,6 +32,35 @@ def integer(low: int, high: int | None = None):
     return parse
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a device this machine has (``dual_lm.folder.check_device``), checked where parsed."""
+    from dual_lm.errors import UserError
+    from dual_lm.folder import check_device
+
+    try:
+        check_device(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def dtype_name(text: str) -> str:
+    """An argparse type: one of ``dual_lm.folder.DTYPES``."""
+    from dual_lm.folder import DTYPES
+
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"choose one of {', '.join(DTYPES)}, got {text!r}")
+    return text
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` of the commands that run a model."""
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    p.add_argument(
+        "--dtype", type=dtype_name, default="float32", help="float32, bfloat16, float16 or auto (the folder's own)"
+    )
+
+
 def real(low: float, high: float = math.inf, *, low_open: bool = False):
     """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``); nan and inf
     are refused."""

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from dual_lm.cli.making import _run_config
-from dual_lm.cli.options import SEED, Command, integer, real
+from dual_lm.cli.options import SEED, Command, add_device_options, integer, real
 from dual_lm.errors import UserError
 from dual_lm.inference import DRAFTS, MODES, SCORE_MODES, STRATEGIES
 from dual_lm.ownership import check_output_file
@@ -18,13 +18,14 @@ def _fill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder")
     p.add_argument("--text", required=True, help='text with <mask>, e.g. "The capital of <mask> is Paris"')
     p.add_argument("--top-k", type=integer(1), default=5, help="candidates shown per <mask>")
+    add_device_options(p)
 
 
 def _fill(args) -> int:
     from dual_lm.folder import load_folder
     from dual_lm.inference.generation import encode_with_masks, fill_masks
 
-    model, tokenizer = load_folder(args.folder)
+    model, tokenizer = load_folder(args.folder, args.device, args.dtype)
     try:
         length, context = len(encode_with_masks(tokenizer, args.text)), model.config.max_position_embeddings
         if length > context:  # rotary positions past the context give confident nonsense, not an error
@@ -78,6 +79,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=integer(1), default=8, help="--prompts in causal/prefix mode: prompts per batch"
     )
     p.add_argument("--output", help="--prompts: write the JSONL here (atomically) instead of stdout")
+    add_device_options(p)
 
 
 def _generate(args) -> int:
@@ -95,7 +97,7 @@ def _generate(args) -> int:
     prompts = read_prompts(Path(args.prompts)) if args.prompts else None
     from dual_lm.folder import load_folder
 
-    model, tokenizer = load_folder(args.folder)
+    model, tokenizer = load_folder(args.folder, args.device, args.dtype)
     options = _generation_options(args)
     try:
         if prompts is not None:
@@ -130,6 +132,7 @@ def _score_args(p: argparse.ArgumentParser) -> None:
         "--stride", type=integer(1), default=None, help="causal texts: new tokens per window (default: half)"
     )
     p.add_argument("--batch-size", type=integer(1), default=16)
+    add_device_options(p)
 
 
 def _score(args) -> int:
@@ -138,7 +141,7 @@ def _score(args) -> int:
     from dual_lm.folder import load_folder
     from dual_lm.studies.requests import read_score_file, score_records
 
-    model, tokenizer = load_folder(args.folder)
+    model, tokenizer = load_folder(args.folder, args.device, args.dtype)
     items, kind = read_score_file(Path(args.file), tokenizer)
     try:
         rows = score_records(model, items, kind, args)
@@ -170,7 +173,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blimp-path", help="folder or .jsonl of nyu-mll/blimp (default: the Hugging Face cache)")
     p.add_argument("--batch-size", type=integer(1), default=16)
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--device", default="cpu")
+    add_device_options(p)
 
 
 def _eval(args) -> int:
@@ -184,7 +187,9 @@ def _eval(args) -> int:
     if args.output:  # before any data or model is loaded: a bad path must not cost the work
         check_output_file(args.output, RESULTS, sources=(args.folder,))
     settings = EvalSettings(args.mode, args.mask_n, args.batch_size)
-    job = EvalJob(args.folder, parse_tasks(args.tasks), settings, args.limit, args.blimp_path, args.seed, args.device)
+    job = EvalJob(
+        args.folder, parse_tasks(args.tasks), settings, args.limit, args.blimp_path, args.seed, args.device, args.dtype
+    )
     results = run_job(job)
     if args.output:
         write_json_atomic(Path(args.output), results)
@@ -306,12 +311,13 @@ def _sweep(args) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixture", default="tests/fixtures/reference/parity-tiny", help="reference parity checkpoint")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its data, run and model folder")
+    add_device_options(p)  # the inference step (training runs on the CPU)
 
 
 def _demo(args) -> int:
     from dual_lm.studies.demo import run_demo
 
-    return run_demo(Path(args.fixture), Path(args.workdir))
+    return run_demo(Path(args.fixture), Path(args.workdir), args.device, args.dtype)
 
 
 COMMANDS = (

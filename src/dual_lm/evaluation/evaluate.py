@@ -20,6 +20,7 @@ class EvalJob:
     blimp_path: str | Path | None = None
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "float32"
 
 
 def model_info(folder: str | Path) -> dict:
@@ -36,7 +37,7 @@ def run_job(job: EvalJob) -> dict:
     check_device(job.device)
     items = {name: load_items(name, job.limit, job.blimp_path) for name in job.tasks}
     torch.manual_seed(job.seed)
-    model, tokenizer = load_folder(job.folder, job.device)
+    model, tokenizer = load_folder(job.folder, job.device, job.dtype)
     runs: list[TaskRun] = [run_task(model, tokenizer, name, items[name], job.settings) for name in job.tasks]
     extra = {"seed": job.seed, "limit": job.limit, "device": job.device, "dtype": str(model.dtype).split(".")[-1]}
     return build_results(model_info(job.folder), job.settings, runs, **extra)

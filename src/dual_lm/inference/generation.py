@@ -24,15 +24,20 @@ class FillResult:
 
 
 def encode_with_masks(tokenizer, text: str) -> torch.Tensor:
-    """``<s>`` + the text with every ``<mask>`` as one mask token; each piece is encoded on its own
-    so the word after a mask keeps its leading space and no stray space tokens surround the mask."""
+    """``<s>`` + the text with every ``<mask>`` as one mask token. Each piece is encoded on its own,
+    without the whitespace next to a mask, so the word after a mask keeps its leading space and no stray
+    space token sits before a mask (where MNTP reads). This is exactly what a tokenizer that declares
+    ``<mask>`` lstrip and rstrip gives for the whole text (``tokenizer.with_mask_strips``); the pieces
+    make older folders, whose tokenizer lacks the strips, read the same ids."""
     pieces = text.split("<mask>")
     if len(pieces) == 1:
         raise ValueError("the text has no <mask>: write <mask> where a token should be predicted")
     ids = [BOS_ID]
     for i, piece in enumerate(pieces):
-        if piece.strip():
-            ids += tokenizer(piece.strip(), add_special_tokens=False)["input_ids"]
+        piece = piece.lstrip() if i > 0 else piece
+        piece = piece.rstrip() if i < len(pieces) - 1 else piece
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         if i < len(pieces) - 1:
             ids.append(MASK_ID)
     return torch.tensor(ids)

@@ -89,17 +89,14 @@ def train(workdir: Path, data: Path):
     return cfg
 
 
-def show(folder: Path, cfg) -> None:
-    """Use the exported model in every mode."""
-    from transformers import AutoTokenizer
-
-    from dual_lm.folder import load_model
+def show(folder: Path, cfg, device: str = "cpu", dtype: str = "float32") -> None:
+    """Use the exported model in every mode, on ``device`` in ``dtype``."""
+    from dual_lm.folder import load_folder
     from dual_lm.inference.generation import generate_text
     from dual_lm.studies.heldout import scoring_gap
     from dual_lm.training.runlog import final_metrics
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = load_model(folder)
+    model, tokenizer = load_folder(folder, device, dtype)
     torch.manual_seed(0)
     sampling = {"do_sample": True, "top_p": 0.9, "temperature": 0.8}
     with torch.no_grad():
@@ -125,7 +122,7 @@ def show(folder: Path, cfg) -> None:
 
 def _fill(model, tokenizer, sentence: str) -> None:
     """Mask one word of ``sentence`` and read it from the position before the mask (MNTP)."""
-    ids = tokenizer(sentence, return_tensors="pt")["input_ids"]
+    ids = tokenizer(sentence, return_tensors="pt")["input_ids"].to(model.device)
     position = ids.shape[1] // 2
     truth = tokenizer.decode(ids[0, position])
     masked = ids.clone()
@@ -137,8 +134,10 @@ def _fill(model, tokenizer, sentence: str) -> None:
     print(f"   [  fill] {shown!r}: {guesses} (truth {truth!r})")
 
 
-def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo")) -> int:
-    """The whole main job; returns the process exit status."""
+def run_demo(
+    fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo"), device: str = "cpu", dtype: str = "float32"
+) -> int:
+    """The whole main job (its inference step on ``device`` in ``dtype``); returns the process exit status."""
     print("0. parity with the reference implementation")
     if (fixture / "state_dict.bin").is_file():
         if not parity_check(fixture):
@@ -157,7 +156,7 @@ def run_demo(fixture: Path = DEFAULT_FIXTURE, workdir: Path = Path("runs/demo"))
     )  # a rerun of the demo replaces its own model folder
     print(f"   model folder {folder} (dual-lm info {folder})")
     print("4. the model in every mode")
-    show(folder, cfg)
+    show(folder, cfg, device, dtype)
     from dual_lm.studies.plot import plot_run
 
     print(f"   loss curves: {plot_run(cfg.output)}")

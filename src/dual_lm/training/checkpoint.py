@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dual_lm.atomic import fsync_dir, settle_folder
 from dual_lm.errors import UserError
+from dual_lm.tokenizer import load_tokenizer_file, save_tokenizer, with_mask_strips
 
 _NAME = re.compile(r"step-(\d{8})")
 _FILES = ("model.safetensors", "trainer.pt", "state.json")
@@ -55,7 +56,7 @@ def save_checkpoint(
         torch.save(trainer_state, staging / "trainer.pt")
         (staging / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2))
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, staging / "tokenizer.json")
+            save_tokenizer(with_mask_strips(load_tokenizer_file(tokenizer)), staging / "tokenizer.json")
         settle_folder(staging)  # the umask's modes (safetensors writes 0600), flushed to disk
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
