@@ -138,3 +138,43 @@ def test_folder_without_weights_is_a_clear_error(tmp_path):
         check_folder(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         check_folder(tmp_path / "nope")
+
+
+def _rewrite(folder, rename, drop=(), extra=None):
+    from safetensors.torch import save_file
+
+    state = load_file(folder / "model.safetensors")
+    state = {rename(k): v for k, v in state.items() if k not in drop} | (extra or {})
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_weights_under_the_reference_names_load_as_ours(tiny_config, tmp_path):
+    from dual_lm.convert import hf_to_reference_name
+
+    model = perturbed(DLMLlamaForCausalLM(tiny_config))
+    model.save_pretrained(tmp_path / "m")
+    _rewrite(tmp_path / "m", lambda k: "module._orig_mod." + hf_to_reference_name(k))
+    again = DLMLlamaForCausalLM.from_pretrained(tmp_path / "m")
+    expected = model.state_dict()
+    assert sorted(again.state_dict()) == sorted(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in again.state_dict().items())
+
+
+def test_loading_never_fills_a_gap_with_random_weights(tiny_config, tmp_path):
+    import dual_lm
+
+    model = perturbed(DLMLlamaForCausalLM(tiny_config))
+    model.save_pretrained(tmp_path / "m")
+    for cls in ("DLMLlamaForSequenceClassification", "DLMLlamaForQuestionAnswering", "DLMLlamaForMaskedLM"):
+        getattr(dual_lm, cls).from_pretrained(tmp_path / "m")  # new task heads and a dropped lm_head are fine
+    _rewrite(tmp_path / "m", lambda k: k.replace("lm_head.output", "lm_head.out"))  # a head named differently
+    gap = r"missing 2 tensor\(s\): lm_head\.output\.bias, lm_head\.output\.weight; "
+    gap += r"unexpected 2 tensor\(s\): lm_head\.out\.bias, lm_head\.out\.weight"
+    with pytest.raises(ValueError, match=gap):
+        DLMLlamaForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"missing 2 tensor\(s\).*refusing to fill the gap with random weights"):
+        dual_lm.DLMLlamaForMaskedLM.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "n")
+    _rewrite(tmp_path / "n", lambda k: k, drop=("model.layers.1.mlp.up_proj.weight",))
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): model\.layers\.1\.mlp\.up_proj\.weight"):
+        dual_lm.DLMLlamaForTokenClassification.from_pretrained(tmp_path / "n")

@@ -23,7 +23,7 @@ def trained(data_dir, tmp_path_factory):
     """The tiny preset trained for 80 steps (alpha 1/2) on the suite's corpus, exported to a folder."""
     root = tmp_path_factory.mktemp("trained")
     settings = {"data.path": data_dir, "output": root / "run", "data.seq_len": 32, "train.micro_batch_rows": 8,
-                "train.global_batch_tokens": 256, "train.steps": 80, "eval.every": 0, "checkpoint.every": 80,
+                "train.global_batch_tokens": 256, "train.steps": 80, "eval.every": 40, "checkpoint.every": 80,
                 "optim.lr": 0.01, "objective.alpha": 0.5}  # fmt: skip
     assert main(["train", *[f"{k}={v}" for k, v in settings.items()]]) == 0
     assert main(["export", str(root / "run"), str(root / "model")]) == 0
@@ -210,3 +210,55 @@ def test_a_device_or_dtype_that_is_not_there_is_one_line(trained, tmp_path, comm
     rest = {"fill": ["--text", "a <mask>"], "generate": ["--prompt", "a"], "score": [tmp_path / "s.jsonl"],
             "eval": ["--tasks", "arc_easy"]}[command]  # fmt: skip
     refuses([command, trained, *rest, *extra], command, pattern, trained, tmp_path)
+
+
+# ---------------------------------------------------------------------------- the folder's model card
+
+
+CARD_RUNNER = r"""
+import sys
+sys.modules["dual_lm"] = None  # the card's Python needs transformers and the folder only
+exec(compile(sys.argv[1], "README.md", "exec"), {"__name__": "__main__"})
+"""
+
+
+def test_exported_folder_carries_a_card_whose_snippets_run(trained, capsys):
+    import json
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    import yaml
+
+    from hostile import run_cli
+
+    text = (trained / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["library_name"] == "transformers" and front["license"] == "apache-2.0"
+    assert front["pipeline_tag"] == "text-generation" and "dual-lm" in front["tags"]
+    first = [line for line in text.split("---\n", 2)[2].splitlines() if line][1]  # the first line after the title
+    assert "trust_remote_code=True" in first and "random weights" in first
+    assert "| alpha (AR share) | 0.5 |" in text and "| data repetitions | 1 |" in text
+    assert "| tokens trained | 20,480 |" in text and re.search(r"\| val_ar_nll \| \d+\.\d{4} \|", text)
+    assert json.loads((trained / "generation_config.json").read_text())["max_new_tokens"] == 256
+    python = text.split("```python\n")[1].split("```")[0]
+    proc = subprocess.run(
+        [sys.executable, "-c", CARD_RUNNER, python], capture_output=True, text=True, timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("The king") and lines[1].startswith("The king") and "'score'" in lines[2]
+    assert re.fullmatch(r"perplexity \d+\.\d\d", lines[3])
+    for command in text.split("```bash\n")[1].split("```")[0].splitlines():
+        argv = shlex.split(command)
+        assert argv[0] == "dual-lm"
+        outcome = run_cli(argv[1:])
+        assert outcome.code == 0 and outcome.out.startswith("The king"), (command, outcome.err)
+
+
+def test_a_converted_folder_carries_a_card(converted):
+    text = (converted / "README.md").read_text()
+    assert "Converted from the reference trainer's checkpoint state_dict.bin" in text
+    assert "alpha" not in text.split("## Usage")[0].lower().split("| source |")[1]  # unknown: not claimed

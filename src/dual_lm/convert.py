@@ -8,55 +8,41 @@ from pathlib import Path
 
 import torch
 
+from dual_lm.card import CardFacts
 from dual_lm.config import ModelShape, llama_config, load_reference_config
 from dual_lm.errors import UserError
 from dual_lm.folder import save_folder
-from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
+from dual_lm.modeling_dlm_llama import (
+    REFERENCE_GLOBAL_NAMES,
+    REFERENCE_LAYER_NAMES,
+    WRAPPER_PREFIXES,
+    DLMLlamaForCausalLM,
+)
 from dual_lm.ownership import MODEL, check_output, environment_error
 from dual_lm.tokenizer import check_tokenizer_fits
 
-# reference name pattern -> our name template (N = layer index)
-_LAYER_MAP = {
-    "attention.pre_norm.weight": "input_layernorm.weight",
-    "attention.qkv_proj.weights.0": "self_attn.q_proj.weight",
-    "attention.qkv_proj.weights.1": "self_attn.k_proj.weight",
-    "attention.qkv_proj.weights.2": "self_attn.v_proj.weight",
-    "attention.out_proj.weight": "self_attn.o_proj.weight",
-    "mlp.pre_norm.weight": "post_attention_layernorm.weight",
-    "mlp.up_proj.weights.0": "mlp.up_proj.weight",  # W0: the linear half of SwiGLU
-    "mlp.up_proj.weights.1": "mlp.gate_proj.weight",  # W1: the gate, passed through silu
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_MAP = {
-    "embedding.word_embedding.weight": "model.embed_tokens.weight",
-    "classifier.pre_norm.weight": "model.norm.weight",
-    "classifier.projection.weight": "lm_head.projection.weight",
-    "classifier.emb2vocab.weight": "lm_head.output.weight",
-    "classifier.emb2vocab.bias": "lm_head.output.bias",
-}
 _LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def reference_to_hf_name(name: str) -> str | None:
     """Our parameter name for a reference-trainer tensor name, or None if it has no counterpart."""
-    for prefix in _WRAPPER_PREFIXES:
+    for prefix in WRAPPER_PREFIXES:
         while name.startswith(prefix):
             name = name[len(prefix) :]
-    if name in _GLOBAL_MAP:
-        return _GLOBAL_MAP[name]
+    if name in REFERENCE_GLOBAL_NAMES:
+        return REFERENCE_GLOBAL_NAMES[name]
     match = _LAYER_RE.fullmatch(name)
-    if match and match.group(2) in _LAYER_MAP:
-        return f"model.layers.{match.group(1)}.{_LAYER_MAP[match.group(2)]}"
+    if match and match.group(2) in REFERENCE_LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{REFERENCE_LAYER_NAMES[match.group(2)]}"
     return None
 
 
 def hf_to_reference_name(name: str) -> str:
     """Inverse of ``reference_to_hf_name`` (used to name optimiser groups like the reference)."""
-    inverse_global = {v: k for k, v in _GLOBAL_MAP.items()}
+    inverse_global = {v: k for k, v in REFERENCE_GLOBAL_NAMES.items()}
     if name in inverse_global:
         return inverse_global[name]
-    inverse_layer = {v: k for k, v in _LAYER_MAP.items()}
+    inverse_layer = {v: k for k, v in REFERENCE_LAYER_NAMES.items()}
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     if match and match.group(2) in inverse_layer:
         return f"encoder.layers.{match.group(1)}.{inverse_layer[match.group(2)]}"
@@ -143,4 +129,6 @@ def convert_reference(
     shape = load_reference_config(config_path)
     if tokenizer_path is not None:
         check_tokenizer_fits(tokenizer_path, shape.vocab_size)
-    return save_folder(_reference_model(shape, state_dict_path), out_dir, tokenizer_path)
+    source = Path(state_dict_path).name
+    card = CardFacts(f"Converted from the reference trainer's checkpoint {source} (`dual-lm convert-reference`).")
+    return save_folder(_reference_model(shape, state_dict_path), out_dir, tokenizer_path, card=card)

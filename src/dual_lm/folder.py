@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from dual_lm.atomic import fsync_dir, settle_folder
+from dual_lm.card import CARD_FILE, CardFacts, model_card
 from dual_lm.config import MAX_SIZE
 from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import (
@@ -295,15 +296,24 @@ def _swap_in(staging: Path, out_dir: Path, overwrite: bool) -> None:
         old.unlink()
 
 
+GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}  # transformers' own default stops at 20 tokens
+
+
 def save_folder(
-    model, out_dir: str | Path, tokenizer_path: str | Path | None = None, *, overwrite: bool = False
+    model,
+    out_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    card: CardFacts | None = None,
 ) -> Path:
     """Save ``model`` (and a tokenizer) as a model folder: written into a staging sibling, then renamed in.
 
     The caller decides whether ``out_dir`` may be written (``ownership.check_output``); an existing
     non-empty ``out_dir`` is replaced only with ``overwrite``. A kill or an error (a full disk) leaves
     the previous folder or the complete new one and no partial one; staging left by a killed save is
-    removed by the next save to the same place. Folders and files follow the umask.
+    removed by the next save to the same place. Folders and files follow the umask. With ``card`` the
+    folder gets its ``README.md`` model card (``dual_lm.card``), its snippets loading ``out_dir``.
     """
     out_dir = Path(out_dir)
     remove_stale_staging(out_dir)
@@ -313,9 +323,15 @@ def save_folder(
         check_tokenizer_fits(tokenizer_path, model.config.vocab_size)  # before any writing
     staging = make_staging(out_dir)
     try:
+        if getattr(model, "generation_config", None) is not None:  # the causal class: the others do not generate
+            for key, value in GENERATION_DEFAULTS.items():
+                setattr(model.generation_config, key, value)
         model.save_pretrained(staging)
         if tokenizer_path is not None:
             save_folder_tokenizer(tokenizer_path, staging, model.config.max_position_embeddings)
+        if card is not None:
+            text = model_card(out_dir.resolve(), card, model.config.to_dict())
+            (staging / CARD_FILE).write_text(text, encoding="utf-8")
         settle_folder(staging)
         _swap_in(staging, out_dir, overwrite)
     except BaseException:

@@ -195,10 +195,72 @@ class DLMLlamaModel(_ReferenceInit, LlamaModel):
     """Exactly ``LlamaModel``; only its initialisation follows the reference trainer."""
 
 
+# --------------------------------------------------------------------------- the reference trainer's names
+
+# reference tensor name inside layer N -> ours (``model.layers.N.`` + the value)
+REFERENCE_LAYER_NAMES = {
+    "attention.pre_norm.weight": "input_layernorm.weight",
+    "attention.qkv_proj.weights.0": "self_attn.q_proj.weight",
+    "attention.qkv_proj.weights.1": "self_attn.k_proj.weight",
+    "attention.qkv_proj.weights.2": "self_attn.v_proj.weight",
+    "attention.out_proj.weight": "self_attn.o_proj.weight",
+    "mlp.pre_norm.weight": "post_attention_layernorm.weight",
+    "mlp.up_proj.weights.0": "mlp.up_proj.weight",  # W0: the linear half of SwiGLU
+    "mlp.up_proj.weights.1": "mlp.gate_proj.weight",  # W1: the gate, passed through silu
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+REFERENCE_GLOBAL_NAMES = {
+    "embedding.word_embedding.weight": "model.embed_tokens.weight",
+    "classifier.pre_norm.weight": "model.norm.weight",
+    "classifier.projection.weight": "lm_head.projection.weight",
+    "classifier.emb2vocab.weight": "lm_head.output.weight",
+    "classifier.emb2vocab.bias": "lm_head.output.bias",
+}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, as the reference's checkpoints may hold
+
+
+def reference_key_mapping() -> dict[str, str]:
+    """``from_pretrained``'s ``key_mapping``: regexes that rename the reference trainer's tensor names
+    (behind any DDP or compile prefixes) to ours; they match none of our own names."""
+    wrapped = "^(?:" + "|".join(p.replace(".", r"\.") for p in WRAPPER_PREFIXES) + ")*"
+    mapping = {f"{wrapped}{_escaped(k)}$": v for k, v in REFERENCE_GLOBAL_NAMES.items()}
+    for theirs, ours in REFERENCE_LAYER_NAMES.items():
+        mapping[rf"{wrapped}encoder\.layers\.(\d+)\.{_escaped(theirs)}$"] = rf"model.layers.\1.{ours}"
+    return mapping
+
+
+def _escaped(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
 class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
     """Shared plumbing: the LlamaModel trunk, attention modes, reference init, self-contained saving."""
 
     default_attention_mode = "causal"
+    _new_heads: tuple[str, ...] = ()  # prefixes of head tensors that a model folder may lack (trained first here)
+    _dropped: tuple[str, ...] = ()  # prefixes of folder tensors this class has no use for
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, but never a silent random initialisation: a weight the
+        folder lacks (a task head being trained for the first time excepted) or a tensor this class
+        does not know raises one error naming them. Weights stored under the reference trainer's
+        names load too (``reference_key_mapping``, the renaming ``convert-reference`` applies)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("key_mapping", reference_key_mapping())
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith(cls._new_heads))
+        unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(cls._dropped))
+        if missing or unexpected:
+            found = [
+                f"missing {_listed(missing)}" if missing else "",
+                f"unexpected {_listed(unexpected)}" if unexpected else "",
+            ]
+            raise ValueError(
+                f"{cls.__name__}: the checkpoint does not match this model ({'; '.join(f for f in found if f)}); "
+                "refusing to fill the gap with random weights"
+            )
+        return (model, info) if wants_info else model
 
     def _mode_for(self, attention_mode: str | None, prefix_lengths, row_causal, batch: int) -> str:
         """The call's pattern: ``resolve_mode``'s, or from ``row_causal`` causal, bidirectional or per-row."""
@@ -497,8 +559,16 @@ def _warn_if_stock_fill_mask(depth: int = 8) -> None:
         frame = frame.f_back
 
 
+def _listed(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} tensor(s): {', '.join(names[:shown])}{more}"
+
+
 class _DLMTaskModel(DLMLlamaPreTrainedModel):
     """Task heads read the final-normed trunk states; attention from ``config.dlm_task_attention``."""
+
+    _new_heads = ("score.", "qa_outputs.")  # a task head starts from the reference initialisation
+    _dropped = ("lm_head.",)  # an LM folder's head: a task model has none
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)

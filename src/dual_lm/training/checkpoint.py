@@ -250,7 +250,26 @@ def export_checkpoint(path: str | Path, out_dir: str | Path | None = None, *, ov
         out = check((run_dir or checkpoint.parent) / branch_name(cfg.objective.alpha, cfg.data.repetitions))
     tokenizer = checkpoint / "tokenizer.json"
     tokenizer = tokenizer if tokenizer.is_file() else None
+    card = card_facts(cfg, meta["step"], run_dir)
     if run_dir is not None and out.resolve().is_relative_to(run_dir.resolve()):
         with exclusive(run_dir, "run"):
-            return save_folder(model, out, tokenizer, overwrite=overwrite)
-    return save_folder(model, out, tokenizer, overwrite=overwrite)
+            return save_folder(model, out, tokenizer, overwrite=overwrite, card=card)
+    return save_folder(model, out, tokenizer, overwrite=overwrite, card=card)
+
+
+def card_facts(cfg, step: int, run_dir: Path | None):
+    """What the exported folder's model card says: alpha, repetitions, tokens trained, and the last
+    validation figures logged at or before ``step`` (none when the run's metrics are not at hand)."""
+    from dual_lm.card import CardFacts
+    from dual_lm.training.runlog import METRICS_FILE, VAL_KEYS, read_metrics
+
+    validation = {}
+    if run_dir is not None and (run_dir / METRICS_FILE).is_file():
+        try:
+            records = [r for r in read_metrics(run_dir) if VAL_KEYS[0] in r and r["step"] <= step]
+        except UserError:
+            records = []  # a damaged metrics file costs the card its figures, not the export
+        validation = {k: v for k, v in records[-1].items() if k in VAL_KEYS} if records else {}
+    source = f"Trained with dual-lm (`dual-lm train`), exported from the checkpoint of step {step:,}."
+    tokens = step * cfg.train.global_batch_tokens
+    return CardFacts(source, cfg.objective.alpha, cfg.data.repetitions, tokens, validation)
