@@ -262,3 +262,27 @@ def test_a_converted_folder_carries_a_card(converted):
     text = (converted / "README.md").read_text()
     assert "Converted from the reference trainer's checkpoint state_dict.bin" in text
     assert "alpha" not in text.split("## Usage")[0].lower().split("| source |")[1]  # unknown: not claimed
+
+
+# ---------------------------------------------------------------------------- the CLI's finish
+
+
+def test_version_info_json_and_progress_bars(trained, tmp_path):
+    import json
+
+    import dual_lm
+    from hostile import run_cli
+
+    assert run_cli(["--version"]).out == f"dual-lm {dual_lm.__version__}\n"
+    record = json.loads(run_cli(["info", trained, "--json"]).out)
+    config = json.loads((trained / "config.json").read_text())
+    assert record["config"]["num_hidden_layers"] == 2 and record["config"]["vocab_size"] == config["vocab_size"]
+    assert record["parameters"]["total"] == record["parameters"]["non_embedding"] + record["parameters"]["embedding"]
+    assert record["tokenizer"] is True and record["classes"]["AutoModelForMaskedLM"] == "DLMLlamaForMaskedLM"
+    assert record["attention_modes"] == ["causal", "bidirectional", "prefix"]
+    (tmp_path / "s.jsonl").write_text('{"context": "the king", "continuation": " loves us"}\n' * 3)
+    scored = run_cli(["score", trained, tmp_path / "s.jsonl", "--mode", "masked", "--mask-n", "2"])
+    assert scored.code == 0 and "scoring: 100%" in scored.err and "[masked n=2] 3 requests" in scored.err
+    (tmp_path / "p.txt").write_text("the king\nmy lord\n")
+    generated = run_cli(["generate", trained, "--prompts", tmp_path / "p.txt", "--max-new-tokens", "3"])
+    assert generated.code == 0 and "generating: 100%" in generated.err and len(generated.out.splitlines()) == 2

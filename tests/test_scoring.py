@@ -96,7 +96,7 @@ def test_split_pair_and_cli(tokenizer_51200, tmp_path, capsys):
     assert len(cont) == 2  # " is", " Paris": the leading space stays with the word
     file = tmp_path / "r.jsonl"
     file.write_text(json.dumps({"context": "a b", "continuation": " c"}) + "\n")
-    assert main(["score", str(folder), str(file), "--mode", "masked", "--n", "2"]) == 0
+    assert main(["score", str(folder), str(file), "--mode", "masked", "--mask-n", "2"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["tokens"] == 1
     file.write_text("not json\n")
     assert main(["score", str(folder), str(file)]) == 2

@@ -372,6 +372,24 @@ def human(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
+def folder_record(folder: str | Path) -> dict:
+    """What ``dual-lm info --json`` prints: the validated config's shape, parameter counts, the tokenizer,
+    the classes and the attention modes (the same facts as ``describe_folder``)."""
+    info = inspect_folder(folder)
+    c = info.config
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "head_dim", "intermediate_size",
+            "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")  # fmt: skip
+    classes = c.get("auto_map") if isinstance(c.get("auto_map"), dict) else AUTO_MAP
+    return {
+        "folder": str(Path(folder)),
+        "config": {k: c[k] for k in keys} | {"dlm_task_attention": c.get("dlm_task_attention", "bidirectional")},
+        "parameters": {"total": info.total, "non_embedding": info.non_embedding, "embedding": info.embedding},
+        "tokenizer": info.has_tokenizer,
+        "classes": {auto: str(target).split(".")[-1] for auto, target in classes.items()},
+        "attention_modes": list(ATTENTION_MODES),
+    }
+
+
 def describe_folder(folder: str | Path) -> str:
     """The text ``dual-lm info`` prints (every value comes from the validated config: none is None)."""
     info = inspect_folder(folder)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 
+from dual_lm import __version__
 from dual_lm.cli import making, using
 from dual_lm.cli.options import Parser
 from dual_lm.errors import UserError
@@ -22,6 +23,7 @@ COMMANDS = making.COMMANDS + using.COMMANDS
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dual-lm", description="Dual-objective (AR + masked diffusion) LLaMA models.")
+    parser.add_argument("--version", action="version", version=f"dual-lm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for command in COMMANDS:
         p = sub.add_parser(command.name, **command.parser_options)

@@ -28,12 +28,15 @@ def _convert(args) -> int:
 
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
 
 
 def _info(args) -> int:
-    from dual_lm.folder import describe_folder
+    import json
 
-    print(describe_folder(args.folder))
+    from dual_lm.folder import describe_folder, folder_record
+
+    print(json.dumps(folder_record(args.folder), indent=2) if args.json else describe_folder(args.folder))
     return 0
 
 

@@ -17,7 +17,7 @@ from dual_lm.ownership import check_output_file
 def _fill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder")
     p.add_argument("--text", required=True, help='text with <mask>, e.g. "The capital of <mask> is Paris"')
-    p.add_argument("--top-k", type=integer(1), default=5, help="candidates shown per <mask>")
+    p.add_argument("--candidates", type=integer(1), default=5, help="candidates shown per <mask>")
     add_device_options(p)
 
 
@@ -30,7 +30,7 @@ def _fill(args) -> int:
         length, context = len(encode_with_masks(tokenizer, args.text)), model.config.max_position_embeddings
         if length > context:  # rotary positions past the context give confident nonsense, not an error
             raise UserError(f"--text is {length} tokens, more than the model's context of {context}; shorten it")
-        results = fill_masks(model, tokenizer, args.text, args.top_k)
+        results = fill_masks(model, tokenizer, args.text, args.candidates)
     except ValueError as err:
         raise UserError(str(err)) from None
     for n, result in enumerate(results, 1):
@@ -102,7 +102,7 @@ def _generate(args) -> int:
     try:
         if prompts is not None:
             texts = generate_batch(
-                model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size, **options
+                model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size, progress=True, **options
             )
             write_generations(prompts, texts, args.output)
             return 0
@@ -124,7 +124,7 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder")
     p.add_argument("file", help="JSONL: one {'context': ..., 'continuation': ...} or one {'text': ...} per line")
     p.add_argument("--mode", default="causal", choices=[*SCORE_MODES, "md-bound"])
-    p.add_argument("--n", type=integer(1), default=1, help="masked mode: tokens masked from each scored token on")
+    p.add_argument("--mask-n", type=integer(1), default=1, help="masked mode: tokens masked from each scored token on")
     p.add_argument("--samples", type=integer(2), default=32, help="md-bound: Monte-Carlo samples per request (>= 2)")
     p.add_argument("--seed", type=SEED, default=0, help="md-bound: seed of the masks")
     p.add_argument("--window", type=integer(2), default=None, help="causal texts: window length (default: the context)")
@@ -150,7 +150,7 @@ def _score(args) -> int:
     for row in rows:
         print(json.dumps(row))
     total, count = sum(r["logprob"] for r in rows), sum(r["tokens"] for r in rows)
-    label = args.mode + (f" n={args.n}" if args.mode == "masked" else "")
+    label = args.mode + (f" n={args.mask_n}" if args.mode == "masked" else "")
     label += f" samples={args.samples}" if args.mode == "md-bound" else ""
     print(
         f"[{label}] {len(rows)} {'texts' if kind == 'text' else 'requests'}, {count} tokens, "

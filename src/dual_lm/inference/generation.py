@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 from transformers.generation.streamers import BaseStreamer
 
 from dual_lm.inference import MODES
@@ -142,16 +143,29 @@ def generate_text(
 
 @torch.no_grad()
 def generate_batch(
-    model, tokenizer, prompts: list[str], mode: str = "causal", max_new_tokens: int = 50, batch_size: int = 8, **options
+    model,
+    tokenizer,
+    prompts: list[str],
+    mode: str = "causal",
+    max_new_tokens: int = 50,
+    batch_size: int = 8,
+    progress: bool = False,
+    **options,
 ) -> list[str]:
     """Continue many prompts: causal and prefix modes run ``batch_size`` left-padded prompts per
-    ``generate`` call (bucketed by length); diffusion and speculative run one prompt at a time."""
+    ``generate`` call (bucketed by length); diffusion and speculative run one prompt at a time.
+    ``progress`` shows a bar over the prompts (on stderr)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bar = tqdm(total=len(prompts), desc="generating", unit=" prompt", disable=not progress)
     if mode in ("diffusion", "speculative"):
-        outs = [generate_text(model, tokenizer, p, mode, max_new_tokens, **options) for p in prompts]
+        outs = []
+        for prompt in prompts:
+            outs.append(generate_text(model, tokenizer, prompt, mode, max_new_tokens, **options))
+            bar.update(1)
+        bar.close()
         return [o[0] if isinstance(o, tuple) else o for o in outs]
     check_sampling(options)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
@@ -178,4 +192,6 @@ def generate_batch(
         for row, i in enumerate(chunk):
             new = [t for t in out[row, width:].tolist() if t != PAD_ID]
             texts[i] = continuation_text(tokenizer, encoded[i], new)
+        bar.update(len(chunk))
+    bar.close()
     return texts

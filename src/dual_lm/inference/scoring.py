@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from dual_lm.inference import SCORE_MODES
 from dual_lm.tokens import MASK_ID, PAD_ID
@@ -79,15 +80,18 @@ class _Row:
     prefix: int = 0
 
 
-def _read_rows(model, rows: list[_Row], mode: str, batch_size: int) -> list[tuple[float, bool]]:
+def _read_rows(model, rows: list[_Row], mode: str, batch_size: int, progress: bool = False) -> list[tuple[float, bool]]:
     """The one batching loop of every scorer: per row, (weight x sum of log p(gold) at its reads, every gold
     the argmax), in row order.
 
     Rows are sorted by length (stable, so equal rows keep their order), run ``batch_size`` at a time padded
     on the right under ``mode`` (causal, prefix or bidirectional), and scattered back to their own index.
+    ``progress`` shows a bar over the rows (on stderr).
     """
     results: list[tuple[float, bool] | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc="scoring", unit=" row", disable=not progress)
     for batch in _rows_in_batches([len(row.ids) for row in rows], batch_size):
+        bar.update(len(batch))
         ids, mask = _pad([rows[i].ids for i in batch], model.device)
         reads = [(b, p, g) for b, i in enumerate(batch) for p, g in rows[i].reads]
         logp = _logprobs_at(model, ids, mask, reads, _pattern(mode, [rows[i] for i in batch], model.device))
@@ -98,6 +102,7 @@ def _read_rows(model, rows: list[_Row], mode: str, batch_size: int) -> list[tupl
             n = len(rows[i].reads)
             results[i] = (rows[i].weight * sum(picked[at : at + n]), all(hits[at : at + n]))
             at += n
+    bar.close()
     return results
 
 
@@ -126,7 +131,9 @@ def _per_owner(rows: list[_Row], results: list, count: int) -> list[list]:
 
 
 @torch.no_grad()
-def score_requests(model, requests, mode: str = "causal", n: int = 1, batch_size: int = 16) -> list[Scored]:
+def score_requests(
+    model, requests, mode: str = "causal", n: int = 1, batch_size: int = 16, progress: bool = False
+) -> list[Scored]:
     """Score (context, continuation) token pairs; returns one ``Scored`` per request, in order."""
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown scoring mode {mode!r}; choose one of {', '.join(SCORE_MODES)}")
@@ -140,7 +147,7 @@ def score_requests(model, requests, mode: str = "causal", n: int = 1, batch_size
             _Row(r, [*c, *w], [(len(c) - 1 + t, g) for t, g in enumerate(w)], prefix=len(c))
             for r, (c, w) in enumerate(requests)
         ]
-    results = _read_rows(model, rows, "bidirectional" if mode == "masked" else mode, batch_size)
+    results = _read_rows(model, rows, "bidirectional" if mode == "masked" else mode, batch_size, progress)
     return [
         Scored(sum(v for v, _ in mine), len(w), mode != "masked" and all(g for _, g in mine))
         for mine, (_, w) in zip(_per_owner(rows, results, len(requests)), requests, strict=True)
@@ -188,7 +195,7 @@ def rolling_windows(length: int, window: int, stride: int) -> list[tuple[int, in
 
 
 @torch.no_grad()
-def score_texts(model, texts, window: int | None = None, stride: int | None = None, batch_size: int = 16):
+def score_texts(model, texts, window=None, stride=None, batch_size: int = 16, progress: bool = False):
     """Exact causal log-likelihood of token lists (each starting with ``<s>``) of any length.
 
     Texts longer than ``window`` (default: the model's context) are scored with sliding windows:
@@ -209,7 +216,7 @@ def score_texts(model, texts, window: int | None = None, stride: int | None = No
         for t, ids in enumerate(texts)
         for start, first, end in rolling_windows(len(ids), window, stride)
     ]
-    grouped = _per_owner(rows, _read_rows(model, rows, "causal", batch_size), len(texts))
+    grouped = _per_owner(rows, _read_rows(model, rows, "causal", batch_size, progress), len(texts))
     return [TextScore(sum(v for v, _ in mine), len(ids) - 1) for mine, ids in zip(grouped, texts, strict=True)]
 
 
@@ -245,7 +252,7 @@ def bound_rows(context, continuation, samples: int, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def md_bound(model, requests, samples: int = 32, seed: int = 0, batch_size: int = 16) -> list[Bound]:
+def md_bound(model, requests, samples=32, seed=0, batch_size: int = 16, progress: bool = False) -> list[Bound]:
     """Monte-Carlo masked-diffusion lower bound on log p(continuation | context) with its standard error."""
     if samples < 2 or batch_size < 1:
         raise ValueError(f"samples must be >= 2 for a standard error and batch_size >= 1, got {samples}, {batch_size}")
@@ -256,7 +263,7 @@ def md_bound(model, requests, samples: int = 32, seed: int = 0, batch_size: int 
         for r, (c, w) in enumerate(requests)
         for ids, reads, weight in bound_rows(c, w, samples, generator)
     ]
-    grouped = _per_owner(rows, _read_rows(model, rows, "bidirectional", batch_size), len(requests))
+    grouped = _per_owner(rows, _read_rows(model, rows, "bidirectional", batch_size, progress), len(requests))
     values = [[v for v, _ in mine] for mine in grouped]
     out = []
     for v in values:

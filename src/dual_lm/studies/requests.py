@@ -88,7 +88,7 @@ def score_records(model, items: list, kind: str, args) -> list[dict]:
     if windowed and not (kind == "text" and args.mode == "causal"):
         raise UserError("--window and --stride apply to 'text' records in causal mode only")
     if kind == "text" and args.mode == "causal":
-        results = score_texts(model, items, args.window, args.stride, args.batch_size)
+        results = score_texts(model, items, args.window, args.stride, args.batch_size, progress=True)
         return [{"logprob": r.logprob, "tokens": r.tokens, "perplexity": r.perplexity} for r in results]
     if kind == "text":  # the whole text after <s>, read in the chosen mode (one window)
         limit = model.config.max_position_embeddings
@@ -100,8 +100,8 @@ def score_records(model, items: list, kind: str, args) -> list[dict]:
                 )
         items = [(ids[:1], ids[1:]) for ids in items]
     if args.mode == "md-bound":
-        results = md_bound(model, items, args.samples, args.seed, args.batch_size)
+        results = md_bound(model, items, args.samples, args.seed, args.batch_size, progress=True)
         tokens = [len(w) for _, w in items]
         return [{"logprob": r.logprob, "stderr": r.stderr, "tokens": n} for r, n in zip(results, tokens, strict=True)]
-    results = score_requests(model, items, args.mode, n=args.n, batch_size=args.batch_size)
+    results = score_requests(model, items, args.mode, n=args.mask_n, batch_size=args.batch_size, progress=True)
     return [{"logprob": r.logprob, "tokens": r.tokens, "greedy": r.greedy} for r in results]
