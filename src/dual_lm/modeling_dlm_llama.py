@@ -40,6 +40,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
+from transformers.utils import can_return_tuple
 
 ATTENTION_MODES = ("causal", "bidirectional", "prefix")
 _PER_ROW = "per-row"  # run_trunk's pattern when row_causal mixes causal and bidirectional rows
@@ -195,6 +196,18 @@ class DLMLlamaModel(_ReferenceInit, LlamaModel):
     """Exactly ``LlamaModel``; only its initialisation follows the reference trainer."""
 
 
+def _eager() -> bool:
+    """Whether this call runs eagerly: not traced by ``torch.compile`` or ``torch.export``."""
+    return not torch.compiler.is_compiling()
+
+
+def _known_all_true(flags: torch.Tensor) -> bool:
+    """True when ``flags`` are all True and the call runs eagerly. Under compilation and export the
+    answer is False, so the general path (a mask that happens to allow everything) is traced: the
+    same outputs, no branch on a tensor's value."""
+    return _eager() and bool(flags.all())
+
+
 # --------------------------------------------------------------------------- the reference trainer's names
 
 # reference tensor name inside layer N -> ours (``model.layers.N.`` + the value)
@@ -273,9 +286,9 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
                 f"row_causal must be a BoolTensor [B={batch}], "
                 f"got {row_causal.dtype} of shape {tuple(row_causal.shape)}"
             )
-        if bool(row_causal.all()):  # one pattern for the whole batch takes that pattern's own (faster) path
+        if _known_all_true(row_causal):  # one pattern for the whole batch takes that pattern's own (faster) path
             return "causal"
-        return "bidirectional" if not bool(row_causal.any()) else _PER_ROW
+        return "bidirectional" if _known_all_true(~row_causal) else _PER_ROW
 
     def run_trunk(
         self,
@@ -303,16 +316,17 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch, q_len = ref.shape[0], ref.shape[1]
+        kwargs.pop("return_dict", None)  # the trunk's output is read by name; the forwards honour return_dict
         mode = self._mode_for(attention_mode, prefix_lengths, row_causal, batch)
         past_len = cache.get_seq_length() if cache is not None else 0
-        self._check_inputs(batch, q_len, past_len, attention_mask, prefix_lengths, document_ids)
+        self._check_inputs(batch, q_len, past_len, attention_mask, prefix_lengths, document_ids, position_ids)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # left padding: rotary positions count real tokens only, so padding never shifts logits
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
         plain_causal = mode == "causal" and document_ids is None
         if not plain_causal and (attention_mask is None or attention_mask.dim() == 2):
             allowed = self._allowed(mode, row_causal, ref, past_len, attention_mask, prefix_lengths, document_ids)
-            if self.config._attn_implementation == "sdpa" and bool(allowed.all()):
+            if self.config._attn_implementation == "sdpa" and _known_all_true(allowed):
                 # everything visible: no mask at all lets SDPA pick its fastest kernel
                 attention_mask, kwargs["is_causal"] = None, False
             else:
@@ -343,11 +357,19 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
             return to_attention_bias(allowed, self.model.embed_tokens.weight.dtype)
         raise ValueError(f"attention implementation {impl!r} cannot take non-causal masks; use 'sdpa' or 'eager'")
 
-    def _check_inputs(self, batch, q_len, past_len, attention_mask, prefix_lengths, document_ids) -> None:
+    def _check_inputs(self, batch, q_len, past_len, attention_mask, prefix_lengths, document_ids, position_ids):
+        """Shapes always; values (positions, prefix lengths) only outside compilation and export, where a
+        branch on a tensor's value would break the graph. With explicit ``position_ids`` (a packed,
+        padding-free row) the positions are checked, not the row's length."""
         limit = self.config.max_position_embeddings
-        if past_len + q_len > limit:
+        if position_ids is None and isinstance(past_len, int) and past_len + q_len > limit:
             raise ValueError(
                 f"sequence of {past_len + q_len} tokens is longer than the position limit "
+                f"max_position_embeddings={limit}; truncate the input"
+            )
+        if position_ids is not None and _eager() and int(position_ids.max()) >= limit:
+            raise ValueError(
+                f"position_ids reach {int(position_ids.max())}, past the position limit "
                 f"max_position_embeddings={limit}; truncate the input"
             )
         mask_2d = attention_mask is not None and attention_mask.dim() == 2
@@ -360,7 +382,7 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
                 raise ValueError(
                     f"prefix_lengths must be a LongTensor [B={batch}], got shape {tuple(prefix_lengths.shape)}"
                 )
-            if bool((prefix_lengths < 0).any()) or bool((prefix_lengths > past_len + q_len).any()):
+            if _eager() and (bool((prefix_lengths < 0).any()) or bool((prefix_lengths > past_len + q_len).any())):
                 raise ValueError(
                     f"prefix_lengths must lie in [0, {past_len + q_len}] (the sequence length), "
                     f"got {prefix_lengths.tolist()}"
@@ -388,6 +410,7 @@ class _OnePassForward:
     """The forward shared by the masked LM and the sequence and token classifiers: one pass without a
     cache, the trunk under the requested pattern, then the class's ``_head_outputs``."""
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -450,6 +473,7 @@ class DLMLlamaForCausalLM(_DLMWithLMHead, GenerationMixin):
 
     default_attention_mode = "causal"
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -651,6 +675,7 @@ class DLMLlamaForQuestionAnswering(_DLMTaskModel):
         self._tag_head(self.qa_outputs)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -229,9 +229,9 @@ def _lm_eval(args) -> int:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
         raise UserError('lm-eval is not installed; run `make setup` or `pip install -e ".[lm-eval]"`') from None
-    import dual_lm.evaluation.lm_eval_adapter  # noqa: F401 - registers the dual-lm model
-
     rest = args.lm_eval_args[1:] if args.lm_eval_args[:1] == ["--"] else args.lm_eval_args
+    if not {"-h", "--help"} & set(rest):  # lm-eval's help needs no model: no torch import for it
+        import dual_lm.evaluation.lm_eval_adapter  # noqa: F401 - registers the dual-lm model
     saved, sys.argv = sys.argv, ["lm-eval", *rest]
     try:
         cli_evaluate()
