@@ -188,10 +188,11 @@ def torchrun(args):
     )
 
 
-def test_one_process_ddp_and_fsdp2_agree_and_fsdp2_resumes(data_dir, tmp_path):
-    """One process with 8 rows per step, two gloo ranks of 4 under DDP and under FSDP2: the same
-    weights after 4 steps; FSDP2 resumed from step 2 ends where it did uninterrupted. (alpha = 1: the
-    rows' objective draws then do not depend on how the batch is split over ranks.)"""
+def test_one_process_and_fsdp2_agree_and_fsdp2_resumes(data_dir, tmp_path):
+    """One process with 8 rows per step and two gloo ranks of 4 under FSDP2: the same weights after 4
+    steps; FSDP2 resumed from step 2 ends where it did uninterrupted, with the same log. (alpha = 1: the
+    rows' objective draws then do not depend on how the batch is split over ranks. DDP under torchrun
+    equals one process in ``test_sweep.py::test_a_cell_as_a_torchrun_job_equals_the_in_process_cell``.)"""
     common = {
         "objective.alpha": 1.0,
         "train.steps": 4,
@@ -201,26 +202,24 @@ def test_one_process_ddp_and_fsdp2_agree_and_fsdp2_resumes(data_dir, tmp_path):
         "checkpoint.keep_last": 5,
     }
     assert main(["train", *overrides(data_dir, tmp_path / "one", **common, **{"train.micro_batch_rows": 8})]) == 0
-    ddp = overrides(data_dir, tmp_path / "ddp", **common)
     fsdp = overrides(data_dir, tmp_path / "fsdp", **common, **{"train.fsdp": "true"})
-    for args in (ddp, fsdp):
-        proc = torchrun(args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(fsdp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     final = "checkpoints/step-00000004/model.safetensors"
-    one, a, b = (load_file(tmp_path / run / final) for run in ("one", "ddp", "fsdp"))
-    for key in a:
-        torch.testing.assert_close(one[key], a[key], atol=2e-5, rtol=2e-5, msg=key)
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6, msg=key)
-    assert [r["loss"] for r in read_log(tmp_path / "one")] == pytest.approx(
-        [r["loss"] for r in read_log(tmp_path / "ddp")], rel=1e-5
+    one, sharded = load_file(tmp_path / "one" / final), load_file(tmp_path / "fsdp" / final)
+    for key in one:
+        torch.testing.assert_close(sharded[key], one[key], atol=2e-5, rtol=2e-5, msg=key)
+    uninterrupted = read_log(tmp_path / "fsdp")
+    assert [r["loss"] for r in uninterrupted] == pytest.approx(
+        [r["loss"] for r in read_log(tmp_path / "one")], rel=1e-5
     )
     shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000004")  # as if killed after step 2's checkpoint
     proc = torchrun([*fsdp, "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    c = load_file(tmp_path / "fsdp" / final)
-    for key in a:
-        torch.testing.assert_close(c[key], b[key], atol=1e-6, rtol=1e-6, msg=key)
-    assert read_log(tmp_path / "fsdp") == read_log(tmp_path / "ddp")
+    resumed = load_file(tmp_path / "fsdp" / final)
+    for key in one:
+        torch.testing.assert_close(resumed[key], sharded[key], atol=1e-6, rtol=1e-6, msg=key)
+    assert read_log(tmp_path / "fsdp") == uninterrupted
 
 
 def test_fsdp_needs_torchrun(data_dir, tmp_path, capsys):
