@@ -79,6 +79,14 @@ def test_generate_with_the_forward_compiled_fullgraph(model, prefix):
     assert torch.equal(got, want)
 
 
+def test_the_masked_lm_compiles_fullgraph(model):
+    masked = dual_lm.DLMLlamaForMaskedLM(model.config).eval()
+    masked.load_state_dict(model.state_dict())
+    compiled = torch.compile(masked.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids()).logits, masked(ids()).logits, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [n for n in dual_lm.__all__ if n.startswith("DLMLlamaFor")])
 def test_return_dict_false_gives_the_tuple(model, name):
     import copy

@@ -158,6 +158,10 @@ def test_weights_under_the_reference_names_load_as_ours(tiny_config, tmp_path):
     expected = model.state_dict()
     assert sorted(again.state_dict()) == sorted(expected)
     assert all(torch.equal(v, expected[k]) for k, v in again.state_dict().items())
+    again.save_pretrained(tmp_path / "resaved")  # saved under our names, not renamed back
+    assert sorted(load_file(tmp_path / "resaved" / "model.safetensors")) == sorted(expected)
+    third = DLMLlamaForCausalLM.from_pretrained(tmp_path / "resaved")
+    assert all(torch.equal(v, expected[k]) for k, v in third.state_dict().items())
 
 
 def test_loading_never_fills_a_gap_with_random_weights(tiny_config, tmp_path):

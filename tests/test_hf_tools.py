@@ -145,7 +145,8 @@ def test_dual_objective_collator_under_trainer(trained, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(trained)
     model = DLMLlamaForCausalLM.from_pretrained(trained)
-    texts = Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in sentences(64, seed=11)]})
+    stream = [t for text in sentences(64, seed=11) for t in tokenizer(text)["input_ids"]]
+    texts = Dataset.from_dict({"input_ids": [[1, *stream[i : i + 24]] for i in range(0, len(stream) - 24, 24)][:48]})
     args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=6, learning_rate=1e-3,
                              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
                              disable_tqdm=True)  # fmt: skip
@@ -160,6 +161,8 @@ def test_dual_objective_collator_refuses_bad_settings():
         DualObjectiveCollator(alpha=1.5)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         DualObjectiveCollator(alpha=0.5)([[1]])
+    with pytest.raises(ValueError, match=r"needs examples of one length .* got lengths \[3, 5\]"):
+        DualObjectiveCollator(alpha=0.5)([[1, 20, 21], [1, 20, 21, 22, 23]])
 
 
 # ---------------------------------------------------------------------------- --device and --dtype
@@ -198,6 +201,7 @@ def test_inference_commands_take_device_and_dtype(trained, tmp_path, monkeypatch
         (["--device", "mps"], r"argument --device: device 'mps': MPS is not available"),
         (["--device", "tpu"], r"argument --device: unknown device 'tpu'.*use cpu, cuda, cuda:N, mps or auto"),
         (["--device", "meta"], r"argument --device: device 'meta' is not supported"),
+        (["--device", "cpu:1"], r"argument --device: device 'cpu:1': there is one CPU device"),
         (["--dtype", "float8"], r"argument --dtype: choose one of float32, bfloat16, float16, auto, got 'float8'"),
     ],
 )
@@ -241,7 +245,9 @@ def test_exported_folder_carries_a_card_whose_snippets_run(trained, capsys):
     assert "trust_remote_code=True" in first and "random weights" in first
     assert "| alpha (AR share) | 0.5 |" in text and "| data repetitions | 1 |" in text
     assert "| tokens trained | 20,480 |" in text and re.search(r"\| val_ar_nll \| \d+\.\d{4} \|", text)
-    assert json.loads((trained / "generation_config.json").read_text())["max_new_tokens"] == 256
+    generation = json.loads((trained / "generation_config.json").read_text())
+    context = json.loads((trained / "config.json").read_text())["max_position_embeddings"]
+    assert generation["max_length"] == context and generation["do_sample"] is False
     python = text.split("```python\n")[1].split("```")[0]
     proc = subprocess.run(
         [sys.executable, "-c", CARD_RUNNER, python], capture_output=True, text=True, timeout=300,

@@ -296,7 +296,17 @@ def _swap_in(staging: Path, out_dir: Path, overwrite: bool) -> None:
         old.unlink()
 
 
-GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}  # transformers' own default stops at 20 tokens
+def fill_generation_defaults(folder: Path, context: int) -> None:
+    """``generation_config.json``: decode up to the context (``max_length``; transformers' own default stops
+    at 20 tokens), greedily, unless the saved config already says otherwise. The model is not changed."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if "max_length" not in config and "max_new_tokens" not in config:
+        config["max_length"] = context
+    config.setdefault("do_sample", False)
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_folder(
@@ -323,10 +333,8 @@ def save_folder(
         check_tokenizer_fits(tokenizer_path, model.config.vocab_size)  # before any writing
     staging = make_staging(out_dir)
     try:
-        if getattr(model, "generation_config", None) is not None:  # the causal class: the others do not generate
-            for key, value in GENERATION_DEFAULTS.items():
-                setattr(model.generation_config, key, value)
         model.save_pretrained(staging)
+        fill_generation_defaults(staging, model.config.max_position_embeddings)
         if tokenizer_path is not None:
             save_folder_tokenizer(tokenizer_path, staging, model.config.max_position_embeddings)
         if card is not None:
@@ -444,6 +452,8 @@ def check_device(device: str):
             raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif parsed.type == "mps" and not has_mps:
         raise UserError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type == "cpu" and parsed.index not in (None, 0):
+        raise UserError(f"device {device!r}: there is one CPU device; use --device cpu")
     elif parsed.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device {device!r} is not supported; use {DEVICES}")
     return parsed

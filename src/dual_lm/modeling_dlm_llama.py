@@ -367,7 +367,7 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
                 f"sequence of {past_len + q_len} tokens is longer than the position limit "
                 f"max_position_embeddings={limit}; truncate the input"
             )
-        if position_ids is not None and _eager() and int(position_ids.max()) >= limit:
+        if position_ids is not None and position_ids.numel() and _eager() and int(position_ids.max()) >= limit:
             raise ValueError(
                 f"position_ids reach {int(position_ids.max())}, past the position limit "
                 f"max_position_embeddings={limit}; truncate the input"
@@ -399,6 +399,8 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
         """Save weights and config as transformers does, plus this modeling file and an ``auto_map``."""
         self.config.auto_map = dict(AUTO_MAP)
         self.config.custom_pipelines = {k: dict(v) for k, v in CUSTOM_PIPELINES.items()}
+        # always under our names: weights loaded from the reference's names are not renamed back on save
+        kwargs.setdefault("save_original_format", False)
         super().save_pretrained(save_directory, *args, **kwargs)
         for name in (MODELING_FILE, PIPELINE_FILE):  # the pipeline file lies beside this one
             source, target = Path(__file__).with_name(name), Path(save_directory) / name
@@ -547,7 +549,8 @@ class DLMLlamaForMaskedLM(_OnePassForward, _DLMWithLMHead):
     default_attention_mode = "bidirectional"
 
     def _head_outputs(self, outputs, labels, input_ids, attention_mask, **kwargs) -> MaskedLMOutput:
-        _warn_if_stock_fill_mask()
+        if _eager():  # frame inspection cannot be traced; a compiled pipeline is not the stock one anyway
+            _warn_if_stock_fill_mask()
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:

@@ -34,10 +34,10 @@ def run_job(job: EvalJob) -> dict:
     """Evaluate every task of ``job`` (data is loaded before the model, so missing data fails fast)."""
     import torch
 
-    check_device(job.device)
+    device = str(check_device(job.device))  # auto resolved: the results name the device that ran
     items = {name: load_items(name, job.limit, job.blimp_path) for name in job.tasks}
     torch.manual_seed(job.seed)
-    model, tokenizer = load_folder(job.folder, job.device, job.dtype)
+    model, tokenizer = load_folder(job.folder, device, job.dtype)
     runs: list[TaskRun] = [run_task(model, tokenizer, name, items[name], job.settings) for name in job.tasks]
-    extra = {"seed": job.seed, "limit": job.limit, "device": job.device, "dtype": str(model.dtype).split(".")[-1]}
+    extra = {"seed": job.seed, "limit": job.limit, "device": device, "dtype": str(model.dtype).split(".")[-1]}
     return build_results(model_info(job.folder), job.settings, runs, **extra)

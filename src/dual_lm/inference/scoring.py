@@ -91,7 +91,6 @@ def _read_rows(model, rows: list[_Row], mode: str, batch_size: int, progress: bo
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     bar = tqdm(total=len(rows), desc="scoring", unit=" row", disable=not progress)
     for batch in _rows_in_batches([len(row.ids) for row in rows], batch_size):
-        bar.update(len(batch))
         ids, mask = _pad([rows[i].ids for i in batch], model.device)
         reads = [(b, p, g) for b, i in enumerate(batch) for p, g in rows[i].reads]
         logp = _logprobs_at(model, ids, mask, reads, _pattern(mode, [rows[i] for i in batch], model.device))
@@ -102,6 +101,7 @@ def _read_rows(model, rows: list[_Row], mode: str, batch_size: int, progress: bo
             n = len(rows[i].reads)
             results[i] = (rows[i].weight * sum(picked[at : at + n]), all(hits[at : at + n]))
             at += n
+        bar.update(len(batch))
     bar.close()
     return results
 

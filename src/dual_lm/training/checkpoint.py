@@ -14,7 +14,9 @@ previous checkpoints untouched. Only folders named ``step-*`` count; leftovers a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import pickle
 import re
 import shutil
@@ -257,19 +259,23 @@ def export_checkpoint(path: str | Path, out_dir: str | Path | None = None, *, ov
     return save_folder(model, out, tokenizer, overwrite=overwrite, card=card)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def card_facts(cfg, step: int, run_dir: Path | None):
     """What the exported folder's model card says: alpha, repetitions, tokens trained, and the last
     validation figures logged at or before ``step`` (none when the run's metrics are not at hand)."""
     from dual_lm.card import CardFacts
     from dual_lm.training.runlog import METRICS_FILE, VAL_KEYS, read_metrics
 
-    validation = {}
+    records = []
     if run_dir is not None and (run_dir / METRICS_FILE).is_file():
-        try:
-            records = [r for r in read_metrics(run_dir) if VAL_KEYS[0] in r and r["step"] <= step]
-        except UserError:
-            records = []  # a damaged metrics file costs the card its figures, not the export
-        validation = {k: v for k, v in records[-1].items() if k in VAL_KEYS} if records else {}
+        with contextlib.suppress(UserError):  # a damaged metrics file costs the card its figures, not the export
+            records = [r for r in read_metrics(run_dir) if r.get("step", step + 1) <= step]
+    evaluated = [r for r in records if VAL_KEYS[0] in r]
+    validation = {k: v for k, v in (evaluated[-1] if evaluated else {}).items() if k in VAL_KEYS and _number(v)}
+    logged = records[-1].get("tokens") if records and records[-1].get("step") == step else None
+    tokens = logged if _number(logged) else step * cfg.train.global_batch_tokens  # the log's own count first
     source = f"Trained with dual-lm (`dual-lm train`), exported from the checkpoint of step {step:,}."
-    tokens = step * cfg.train.global_batch_tokens
     return CardFacts(source, cfg.objective.alpha, cfg.data.repetitions, tokens, validation)

@@ -5,7 +5,9 @@ train``: the collator draws what ``DualObjective`` draws (DESIGN.md section 3) a
 forward computes the same loss from it.
 
 - Each example's ``input_ids`` (starting with ``<s>``) become one row: inputs ``ids[:-1]``, targets
-  ``ids[1:]``, padded on the right to the longest row (``<pad>`` in, -100 out).
+  ``ids[1:]``. All examples of a batch have one length (packed rows, as ``dual-lm train`` sees them):
+  the exact-k count and the rate t~ are drawn per row of that length, so padded rows would be masked
+  at the wrong rate; unequal lengths are refused.
 - Rows run AR with share alpha (``rows_for_ar``: floor(alpha B) rows plus one with probability
   frac(alpha B)); the others are MD rows with the reference's exactly-k masking: k = max(1, floor(t L
   + u)) non-special positions become ``<mask>``, a position has a target iff the next input is
@@ -28,8 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dual_lm.tokens import PAD_ID
-from dual_lm.training.objectives import IGNORE, mask_rows, rows_for_ar
+from dual_lm.training.objectives import mask_rows, rows_for_ar
 
 
 @dataclass
@@ -50,7 +51,14 @@ class DualObjectiveCollator:
             self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, examples: list) -> dict[str, torch.Tensor]:
-        inputs, targets = pad_rows([example_ids(e) for e in examples])
+        rows = [example_ids(e) for e in examples]
+        if len({len(r) for r in rows}) > 1:  # the exact-k draw and 1/t~ are per row of the batch's length
+            raise ValueError(
+                f"DualObjectiveCollator needs examples of one length (packed rows, as dual-lm train uses), got "
+                f"lengths {sorted({len(r) for r in rows})}; pack the texts into fixed-length rows first"
+            )
+        ids = torch.tensor(rows, dtype=torch.long)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
         ar_rows = rows_for_ar(inputs.shape[0], self.alpha, self.generator)
         return dual_batch(inputs, targets, ar_rows, self.ar_weight, self.generator)
 
@@ -63,22 +71,10 @@ def example_ids(example) -> list[int]:
     return ids
 
 
-def pad_rows(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``ids[:-1]`` and targets ``ids[1:]`` per row, right-padded to the longest (<pad> / -100)."""
-    length = max(len(r) for r in rows) - 1
-    inputs = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    for b, ids in enumerate(rows):
-        inputs[b, : len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[b, : len(ids) - 1] = torch.tensor(ids[1:])
-    return inputs, targets
-
-
 def dual_batch(inputs, targets, ar_rows, ar_weight: float, generator=None) -> dict[str, torch.Tensor]:
     """The model's batch for packed ``inputs``/``targets`` [B, L] with AR rows ``ar_rows`` [B] (the
     MD draw is ``DualObjective``'s: one ``mask_rows`` call over the whole batch, AR rows ignoring it)."""
     batch, length = inputs.shape
-    padding = targets == IGNORE
     weights = torch.full((batch, length), float(ar_weight))
     model_inputs, labels = inputs, targets
     if not bool(ar_rows.all()):
@@ -88,7 +84,7 @@ def dual_batch(inputs, targets, ar_rows, ar_weight: float, generator=None) -> di
         weights = torch.where(ar_rows[:, None], weights, (1.0 / md.rate.float())[:, None].expand(batch, length))
     return {
         "input_ids": model_inputs,
-        "attention_mask": (~padding).long(),
+        "attention_mask": torch.ones_like(inputs),
         "shift_labels": labels,
         "label_weights": weights,
         "row_causal": ar_rows,
