@@ -168,3 +168,17 @@ def test_a_cell_as_a_torchrun_job_equals_the_in_process_cell(data_dir, tmp_path,
     assert (tmp_path / "2" / "grid" / "alpha_1.000_n-reps=1" / "train.yaml").is_file()  # really went through torchrun
     assert results[1]["val_ar_nll"] == pytest.approx(results[0]["val_ar_nll"], abs=1e-4)
     assert results[1]["prefix_nll"] == pytest.approx(results[0]["prefix_nll"], abs=1e-4)
+
+
+def test_overrides_may_follow_the_options(tmp_path):
+    from dual_lm.cli import build_parser, parse
+    from hostile import run_cli
+
+    argv = ["sweep", "c.yaml", "model.hidden_size=64", "--alphas", "0,1", "--repetitions", "1", "train.seed=1"]
+    args = parse(build_parser(), argv)
+    assert args.config == "c.yaml" and args.overrides == ["model.hidden_size=64", "train.seed=1"]
+    assert parse(build_parser(), ["train", "c.yaml", "--resume", "train.steps=9"]).overrides == ["train.steps=9"]
+    refused = run_cli(["sweep", tmp_path / "c.yaml", "--alphas", "0", "--repetitions", "1", "--bogus"])
+    assert refused.code == 2 and refused.err.strip().splitlines() == [
+        "dual-lm: error: unrecognized arguments: --bogus (see dual-lm --help)"
+    ]

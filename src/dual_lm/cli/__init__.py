@@ -32,12 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, except that ``key=value`` overrides may also follow the options
+    (``dual-lm sweep CONFIG --alphas 0,1 train.seed=1``): they join the command's ``overrides``."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """The one place user errors become ``dual-lm CMD: error: ...`` and exit 2. A full disk or a
     permission error is the machine's fault and gets the same line; any other exception is a bug
     and keeps its traceback."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(build_parser(), argv)
     except SystemExit as exit_:  # a parse error (already printed as one line) or --help
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
