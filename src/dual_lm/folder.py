@@ -399,9 +399,9 @@ def folder_record(folder: str | Path) -> dict:
 
 
 def describe_folder(folder: str | Path) -> str:
-    """The text ``dual-lm info`` prints (every value comes from the validated config: none is None)."""
-    info = inspect_folder(folder)
-    c = info.config
+    """The text ``dual-lm info`` prints: ``folder_record`` as a table."""
+    record = folder_record(folder)
+    c, n = record["config"], record["parameters"]
     rows = [
         ("layers", c["num_hidden_layers"]),
         ("hidden size", c["hidden_size"]),
@@ -411,17 +411,18 @@ def describe_folder(folder: str | Path) -> str:
         ("context length", c["max_position_embeddings"]),
         ("rope theta", c["rope_theta"]),
         ("rms norm eps", c["rms_norm_eps"]),
-        ("task-head attention", c.get("dlm_task_attention", "bidirectional")),
-        ("parameters", f"{human(info.total)} total, {human(info.non_embedding)} non-embedding ({info.total:,})"),
-        ("tokenizer", "tokenizer.json" if info.has_tokenizer else "none (pass token ids, or convert with --tokenizer)"),
+        ("task-head attention", c["dlm_task_attention"]),
+        ("parameters", f"{human(n['total'])} total, {human(n['non_embedding'])} non-embedding ({n['total']:,})"),
+        (
+            "tokenizer",
+            "tokenizer.json" if record["tokenizer"] else "none (pass token ids, or convert with --tokenizer)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
-    lines = [f"model folder {Path(folder)}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    classes = c.get("auto_map")
-    classes = classes if isinstance(classes, dict) else AUTO_MAP
+    lines = [f"model folder {record['folder']}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     lines.append("  classes (trust_remote_code=True):")
-    lines += [f"    {auto:<36} {str(target).split('.')[-1]}" for auto, target in classes.items()]
-    lines.append(f"  attention modes: {', '.join(ATTENTION_MODES)} (+ document_ids for packed sequences)")
+    lines += [f"    {auto:<36} {name}" for auto, name in record["classes"].items()]
+    lines.append(f"  attention modes: {', '.join(record['attention_modes'])} (+ document_ids for packed sequences)")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dual_lm.training.objectives import mask_rows, rows_for_ar
+from dual_lm.training.objectives import corrupt_rows, rows_for_ar
 
 
 @dataclass
@@ -72,20 +72,13 @@ def example_ids(example) -> list[int]:
 
 
 def dual_batch(inputs, targets, ar_rows, ar_weight: float, generator=None) -> dict[str, torch.Tensor]:
-    """The model's batch for packed ``inputs``/``targets`` [B, L] with AR rows ``ar_rows`` [B] (the
-    MD draw is ``DualObjective``'s: one ``mask_rows`` call over the whole batch, AR rows ignoring it)."""
-    batch, length = inputs.shape
-    weights = torch.full((batch, length), float(ar_weight))
-    model_inputs, labels = inputs, targets
-    if not bool(ar_rows.all()):
-        md = mask_rows(inputs, targets, generator)
-        model_inputs = torch.where(ar_rows[:, None], inputs, md.inputs)
-        labels = torch.where(ar_rows[:, None], targets, md.targets)
-        weights = torch.where(ar_rows[:, None], weights, (1.0 / md.rate.float())[:, None].expand(batch, length))
+    """The model's batch for packed ``inputs``/``targets`` [B, L] with AR rows ``ar_rows`` [B]: the
+    corruption and weights of ``DualObjective`` (``corrupt_rows``)."""
+    model_inputs, labels, weights = corrupt_rows(inputs, targets, ar_rows, ar_weight, generator)
     return {
         "input_ids": model_inputs,
         "attention_mask": torch.ones_like(inputs),
         "shift_labels": labels,
-        "label_weights": weights,
+        "label_weights": weights.contiguous(),
         "row_causal": ar_rows,
     }

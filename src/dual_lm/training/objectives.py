@@ -124,6 +124,21 @@ def weighted_head_loss(head, hidden, targets, weights, z_coefficient: float, nor
     return loss, sums
 
 
+def corrupt_rows(inputs, targets, ar_rows, ar_weight: float, generator=None, replay=None):
+    """(model inputs, targets, per-position weights) [B, L] of one dual batch: AR rows as they are with
+    weight ``ar_weight``; the others the MD draw (``mask_rows``) with weight 1 / t~. An all-AR batch
+    draws nothing, so the generator advances only when masks are used."""
+    batch, length = inputs.shape
+    ar_weight = torch.tensor(ar_weight, device=inputs.device)
+    if bool(ar_rows.all()):
+        return inputs, targets, ar_weight.expand(batch, length)
+    md = mask_rows(inputs, targets, generator, replay)
+    model_inputs = torch.where(ar_rows[:, None], inputs, md.inputs)
+    row_targets = torch.where(ar_rows[:, None], targets, md.targets)
+    md_weight = (1.0 / md.rate.float()).to(inputs.device)[:, None]
+    return model_inputs, row_targets, torch.where(ar_rows[:, None], ar_weight, md_weight).expand(batch, length)
+
+
 class DualObjective(torch.nn.Module):
     """``objective(inputs, targets, document_ids, ar_rows)`` -> (loss, stats) in one forward pass.
 
@@ -141,15 +156,7 @@ class DualObjective(torch.nn.Module):
         cfg = self.cfg
         batch, length = inputs.shape
         ar_rows = ar_rows.to(inputs.device)
-        ar_weight = torch.tensor(cfg.ar_weight, device=inputs.device)
-        if bool(ar_rows.all()):  # no MD rows: no draw, so the generator advances only when masks are used
-            model_inputs, row_targets, weights = inputs, targets, ar_weight.expand(batch, length)
-        else:
-            md = mask_rows(inputs, targets, generator, replay)
-            model_inputs = torch.where(ar_rows[:, None], inputs, md.inputs)
-            row_targets = torch.where(ar_rows[:, None], targets, md.targets)
-            md_weight = (1.0 / md.rate.float()).to(inputs.device)[:, None]
-            weights = torch.where(ar_rows[:, None], ar_weight, md_weight).expand(batch, length)
+        model_inputs, row_targets, weights = corrupt_rows(inputs, targets, ar_rows, cfg.ar_weight, generator, replay)
         hidden = self.trunk(model_inputs, ar_rows, document_ids)
         total = torch.zeros((), device=inputs.device)
         stats: dict[str, torch.Tensor] = {}
