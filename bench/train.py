@@ -6,7 +6,7 @@ One optimiser step (the global batch) of ``dual_lm.training.train.Trainer.train_
 ``torch.optim.AdamW(lr=1e-3)`` on rows of the same packed loader. All contenders are measured in
 this one run, interleaved by rounds, medians reported. Usage:
 
-    .venv/bin/python bench/train.py [--steps 8] [--seq-len 256] [--micro-batch-rows 8] [--compile]
+    .venv/bin/python bench/train.py [--steps 8] [--seq-len 256] [--micro-batch-rows 8] [--compile] [--checkpointing]
     python3 bench/train.py --device cuda --dtype bfloat16 --preset 470m --shape '' --seq-len 2048 ...
 
 Data: a tokenizer trained on the embedded corpus (corpus:shakespeare, --vocab) or --tokenizer,
@@ -27,7 +27,9 @@ lookup, norms, softmax, loss and optimiser are not counted (the optimiser's time
 each contender's optimizer.step() is timed inside its steps). The peak is measured here: the best
 of a few large torch.matmul calls in the compute dtype (--peak-flops adds a nominal peak, e.g.
 989e12 for H100 SXM dense bf16). Memory: the process's peak RSS (ru_maxrss) and, per contender,
-the RSS peak during its steps (CPU) or torch.cuda.max_memory_allocated (CUDA).
+the RSS peak during its steps (CPU) or torch.cuda.max_memory_allocated (CUDA), and that peak's excess
+over what was held when its steps began ("above start": activations, gradients and workspace, the
+memory activation checkpointing saves; --checkpointing adds ours with train.activation_checkpointing).
 """
 
 from __future__ import annotations
@@ -56,11 +58,12 @@ from dual_lm.tokenizer import save_tokenizer, train_tokenizer
 from dual_lm.training.dist import DistInfo
 from dual_lm.training.train import Trainer
 
-AR, MD, DUAL, COMPILED = (
+AR, MD, DUAL, COMPILED, CHECKPOINTED = (
     "ours AR-only (alpha=1)",
     "ours MD-only (alpha=0)",
     "ours dual (alpha=63/64)",
     "ours dual compiled",
+    "ours dual, act. checkpointing",
 )
 PEER = "transformers Llama + AdamW"
 DEFAULT_SHAPE = "num_layers=6,hidden_size=384,num_heads=6,head_dim=64,intermediate_size=1024"
@@ -130,19 +133,30 @@ class Memory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.overall = rss_peak()
+        self.base = 0.0  # what was held when the peak was reset: the peak's excess is the steps' own memory
 
     def reset(self) -> None:
         self.overall = max(self.overall, rss_peak())
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+            self.base = float(torch.cuda.memory_allocated())
             return
         with suppress(OSError):  # Linux: "5" resets the peak resident set size (VmHWM)
             Path("/proc/self/clear_refs").write_text("5")
+        self.base = rss_now()
 
     def peak(self) -> float:
         """Bytes."""
         self.overall = max(self.overall, rss_peak())
         return float(torch.cuda.max_memory_allocated()) if self.cuda else rss_peak()
+
+
+def rss_now() -> float:
+    """Resident set size now, in bytes (Linux /proc/self/statm; 0 where it is absent)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def rss_peak() -> float:
@@ -161,6 +175,7 @@ class Contender:
         self.opt_times: list[float] = []  # the optimizer.step() inside each timed step
         self.opt_log: list[float] = []
         self.memory = 0.0
+        self.excess = 0.0  # peak memory above what was held before its steps (activations, gradients, workspace)
         self.failed: str | None = None
         if optimizer is not None:
             inner = optimizer.step
@@ -204,6 +219,7 @@ def run_steps(c: Contender, count: int, memory: Memory, timed: bool) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     c.memory = max(c.memory, memory.peak())
+    c.excess = max(c.excess, c.memory - memory.base)
 
 
 def main() -> None:
@@ -220,6 +236,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per contender")
     parser.add_argument("--rounds", type=int, default=4, help="interleaving rounds the timed steps are split into")
     parser.add_argument("--compile", action="store_true", help="also time ours (dual) with train.compile=true")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="also time ours (dual) with train.activation_checkpointing=true"
+    )
     parser.add_argument("--compile-warmup", type=int, default=3, help="warm-up steps of the compiled contender")
     parser.add_argument("--only", default="ar,md,dual,peer", help="contenders (ar, md, dual, peer)")
     parser.add_argument("--set", action="append", default=[], help="extra Trainer override key=value")
@@ -278,6 +297,10 @@ def main() -> None:
                 trainer = make(name, [] if alpha is None else [f"objective.alpha={alpha}"])
                 fraction = partial(head_fraction, trainer)
                 contenders.append(Contender(label, trainer.train_step, n_head_ours, fraction, trainer.optimizer))
+        if args.checkpointing:
+            trainer = make("checkpointed", ["train.activation_checkpointing=true"])
+            fraction = partial(head_fraction, trainer)
+            contenders.append(Contender(CHECKPOINTED, trainer.train_step, n_head_ours, fraction, trainer.optimizer))
         if args.compile:
             try:
                 trainer = make("compiled", ["train.compile=true"])
@@ -368,7 +391,7 @@ def report(args, contenders, memory, peak, size, shape, global_tokens, setup: di
     mem_label = "peak CUDA alloc" if cuda else "process RSS peak"
     header = f"  {'contender':<28} {'step ms':>9} {'optim ms':>8} {'tokens/s':>10} {'f':>5} {'GFLOP/tok':>9}"
     header += f" {'GFLOP/s':>9} {'MFU':>6}" + (f" {'MFU nom':>7}" if args.peak_flops else "")
-    print(header + f" {mem_label:>15}  warm-up steps s")
+    print(header + f" {mem_label:>15} {'above start':>11}  warm-up steps s")
     rate, step_ms, opt_ms = {}, {}, {}
     for c in contenders:
         if c.failed or not c.times:
@@ -383,7 +406,8 @@ def report(args, contenders, memory, peak, size, shape, global_tokens, setup: di
         line = f"  {c.name:<28} {step_ms[c.name]:>9.1f} {opt_ms[c.name]:>8.1f} {rate[c.name]:>10,.0f}"
         line += f" {fraction:>5.2f} {flops / 1e9:>9.4f} {achieved / 1e9:>9.1f} {achieved / peak:>6.1%}"
         line += f" {achieved / args.peak_flops:>7.1%}" if args.peak_flops else ""
-        print(line + f" {c.memory / 2**20:>11,.0f} MiB  " + ", ".join(f"{t:.1f}" for t in c.first))
+        line += f" {c.memory / 2**20:>11,.0f} MiB {c.excess / 2**20:>7,.0f} MiB  "
+        print(line + ", ".join(f"{t:.1f}" for t in c.first))
     peak_rss = f"process peak RSS (ru_maxrss, whole run): {memory.overall / 2**20:,.0f} MiB"
     if cuda and contenders:
         peak_rss += (
@@ -413,6 +437,13 @@ def report(args, contenders, memory, peak, size, shape, global_tokens, setup: di
             )
         elif compiled.failed:
             print(f"compile failed: {compiled.failed}")
+    if args.checkpointing and CHECKPOINTED in step_ms and DUAL in step_ms:
+        plain, recomputed = (next(c for c in contenders if c.name == n) for n in (DUAL, CHECKPOINTED))
+        print(
+            f"activation checkpointing / plain: step time {step_ms[CHECKPOINTED] / step_ms[DUAL]:.3f}, memory above "
+            f"the start of the steps {recomputed.excess / max(plain.excess, 1.0):.3f} "
+            f"({recomputed.excess / 2**20:,.0f} vs {plain.excess / 2**20:,.0f} MiB)"
+        )
     for name in (DUAL, AR):
         if name in step_ms and PEER in step_ms:
             a, b = step_ms[name] - opt_ms[name], step_ms[PEER] - opt_ms[PEER]

@@ -221,10 +221,16 @@ class ModelSection:
     intermediate_size: int | None = None
     rope_theta: float | None = None
     rms_norm_eps: float | None = None
+    vocab_size: int | None = None  # embedding rows; default: the data's vocabulary
+    init_from: str = ""  # a model folder whose weights start the run (continued pretraining)
 
     def shape(self, vocab_size: int, max_positions: int) -> ModelShape:
-        overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
-        return preset(self.preset, vocab_size=vocab_size, max_position_embeddings=max_positions, **overrides)
+        """The run's shape; ``vocab_size`` (the data's) unless the section names its own."""
+        overrides = {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in ("preset", "init_from") and v is not None
+        }
+        overrides.setdefault("vocab_size", vocab_size)
+        return preset(self.preset, max_position_embeddings=max_positions, **overrides)
 
 
 @dataclass
@@ -261,6 +267,8 @@ class TrainSection:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
     compile: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimiser state with FSDP2 (torchrun only)
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    decay_from: str = ""  # a checkpoint (or run folder) of another run to continue from, e.g. into its decay
 
 
 @dataclass

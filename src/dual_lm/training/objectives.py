@@ -174,8 +174,10 @@ class DualObjective(torch.nn.Module):
 
     def trunk(self, inputs, ar_rows, document_ids):
         """Final-normed hidden states [B, L, H] under each row's pattern (an all-AR batch runs the plain
-        causal LlamaModel path, an all-MD one the bidirectional path: ``run_trunk`` picks them)."""
-        return self.model.run_trunk(input_ids=inputs, row_causal=ar_rows, document_ids=document_ids).last_hidden_state
+        causal LlamaModel path, an all-MD one the bidirectional path: ``run_trunk`` picks them). No KV
+        cache: training never reads one back."""
+        out = self.model.run_trunk(input_ids=inputs, row_causal=ar_rows, document_ids=document_ids, use_cache=False)
+        return out.last_hidden_state
 
 
 # ----------------------------------------------------------------------------- mixing by alpha

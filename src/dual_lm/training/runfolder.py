@@ -14,6 +14,7 @@ from dual_lm.config import TrainConfig
 from dual_lm.errors import UserError
 from dual_lm.training.checkpoint import remove_leftovers
 from dual_lm.training.dist import DistInfo, sum_across_ranks
+from dual_lm.training.origins import identity_but_schedule
 from dual_lm.training.runlog import METRICS_FILE
 
 
@@ -22,9 +23,10 @@ def run_identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "output"}
 
 
-def check_started_alike(run_dir: Path, cfg: TrainConfig) -> None:
+def check_started_alike(run_dir: Path, cfg: TrainConfig, schedule_may_differ: bool = False) -> None:
     """A run folder started with another config (killed before its first checkpoint) is not taken
-    over by a fresh start: its config.json and metrics.jsonl would be replaced."""
+    over by a fresh start: its config.json and metrics.jsonl would be replaced. A run resumed from a
+    checkpoint (``schedule_may_differ``) was checked against it, and may have extended the schedule."""
     path = run_dir / "config.json"
     if not path.is_file():
         return
@@ -32,7 +34,8 @@ def check_started_alike(run_dir: Path, cfg: TrainConfig) -> None:
         started = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         started = None
-    if not isinstance(started, dict) or run_identity(started) != run_identity(cfg.to_dict()):
+    identity = identity_but_schedule if schedule_may_differ else run_identity
+    if not isinstance(started, dict) or identity(started) != identity(cfg.to_dict()):
         raise UserError(f"{run_dir} was started with another config (see {path}); choose another output")
 
 
@@ -63,7 +66,8 @@ def own_run(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
         created = False
         if info.is_main:
             try:
-                ownership.check_output(out, ownership.RUN, update=True, sources=(cfg.data.path,))
+                origins = (cfg.data.path, cfg.model.init_from, cfg.train.decay_from)
+                ownership.check_output(out, ownership.RUN, update=True, sources=[p for p in origins if p])
                 created = not out.exists()
                 stack.enter_context(ownership.exclusive(out, "run"))
             except (UserError, OSError) as err:

@@ -29,11 +29,13 @@ from dual_lm.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from dual_lm.training.dist import DistInfo, all_keys, barrier, init_distributed, shutdown, sum_across_ranks
 from dual_lm.training.objectives import DualObjective, md_ranks, rank_runs_md, rotation_epoch, rows_for_ar
 from dual_lm.training.optim import build_optimizer, set_lr_factor, wsd_lr_factor
+from dual_lm.training.origins import check_same_past, identity_but_schedule, init_weights, with_init_shape
 from dual_lm.training.runfolder import check_started_alike, own_run, remove_run_leftovers, run_identity
 from dual_lm.training.runlog import VAL_KEYS, MetricsLog
 
@@ -111,8 +113,12 @@ class Trainer:
         vocab = self.shards.manifest["vocab_size"]
         torch.manual_seed(cfg.train.seed)
         shape = cfg.model.shape(vocab, max(cfg.data.seq_len, CONTEXT))
+        if shape.vocab_size < vocab:
+            raise UserError(f"model.vocab_size={shape.vocab_size} is smaller than the data's vocabulary ({vocab})")
         with info.device:  # initialise on the device: a 470M model takes ~25 s to initialise on a CPU
             self.model = DLMLlamaForCausalLM(llama_config(shape))
+        if cfg.train.activation_checkpointing:  # per decoder layer, recomputed in the backward pass
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.compile:
             self.model.model.compile()
         self.objective = DualObjective(self.model, cfg.objective)
@@ -178,15 +184,18 @@ class Trainer:
 
         return get_optimizer_state_dict(self.model, self.optimizer, options=self._full_options())
 
-    def load_states(self, weights: dict, optimizer: dict) -> None:
+    def load_states(self, weights: dict, optimizer: dict | None) -> None:
+        """Full weights and, unless None (a fresh optimiser), the optimiser state, on every rank."""
         if not self.cfg.train.fsdp:
             self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(optimizer)
+            if optimizer is not None:
+                self.optimizer.load_state_dict(optimizer)
             return
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         set_model_state_dict(self.model, weights, options=self._full_options())
-        set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=self._full_options())
+        if optimizer is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=self._full_options())
 
     def trainer_state(self) -> dict:
         generators = self._gather(self.generator.get_state())
@@ -214,20 +223,40 @@ class Trainer:
         if not found:
             return False
         try:
-            step, (weights, state, _) = self._newest_readable(found)
+            step, loaded = self._newest_readable(found)
             failure = None
         except UserError as err:
             step, failure = -1, err
         self._agree_on_step(step)
         if failure is not None:
             raise failure
+        self._load(step, *loaded[:2])
+        return True
+
+    def start(self) -> str:
+        """Start a run that has no checkpoint of its own: from ``train.decay_from``'s checkpoint, from
+        ``model.init_from``'s weights (a fresh optimiser at step 0) or as initialised; says which."""
+        if self.cfg.train.decay_from:
+            path = resolve_checkpoint(self.cfg.train.decay_from)
+            loaded = load_checkpoint(path)
+            self._check_same_run(path, loaded[2])
+            self._check_fits(path, *loaded)
+            self._load(loaded[2]["step"], *loaded[:2])
+            return f"continuing from {path} (step {self.step})"
+        if self.cfg.model.init_from:
+            weights = init_weights(self.cfg.model.init_from)
+            self._check_weights(Path(self.cfg.model.init_from) / "model.safetensors", weights)
+            self.load_states(weights, None)
+            return f"starting from the weights of {self.cfg.model.init_from}"
+        return "starting from step 0"
+
+    def _load(self, step: int, weights: dict, state: dict) -> None:
         self.load_states(weights, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         self.generator.set_state(state["generators"][self.info.rank])
         torch.set_rng_state(state["torch_rng"])
         self.pending = dict(state["pending"])
         self.step = step
-        return True
 
     def _agree_on_step(self, step: int) -> None:
         """Every rank must resume from the same step (a rank-local read error would otherwise leave the
@@ -262,9 +291,14 @@ class Trainer:
         )
 
     def _check_same_run(self, path: Path, meta: dict) -> None:
-        """Another config is the user's mistake, not damage: refused, never skipped."""
-        if run_identity(meta["config"]) != run_identity(self.cfg.to_dict()):
+        """Another config is the user's mistake, not damage: refused, never skipped. Only the schedule
+        may differ, when the updates already taken keep their learning rates (``origins``)."""
+        if identity_but_schedule(meta["config"]) != identity_but_schedule(self.cfg.to_dict()):
             raise UserError(f"{path} was written with another config; resume with the same config and overrides")
+        if run_identity(meta["config"]) != run_identity(self.cfg.to_dict()):
+            from dual_lm.config import config_from_dict
+
+            check_same_past(config_from_dict(meta["config"]), self.cfg, meta["step"], str(path))
 
     def _check_fits(self, path: Path, weights: dict, state: dict, meta: dict) -> None:
         """A checkpoint whose files parse but hold other tensors or too little state is damaged too."""
@@ -273,11 +307,14 @@ class Trainer:
             raise DamagedCheckpoint(f"{path / 'trainer.pt'} lacks {', '.join(missing)}")
         if state["world_size"] != self.info.world_size:
             raise UserError(f"{path} was written by {state['world_size']} rank(s); resume with the same world size")
+        self._check_weights(path / "model.safetensors", weights)
+
+    def _check_weights(self, where: Path, weights: dict) -> None:
         expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in weights.items()}
         if found != expected:
             wrong = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
-            raise DamagedCheckpoint(f"{path / 'model.safetensors'} does not hold this model's tensors ({wrong[0]})")
+            raise DamagedCheckpoint(f"{where} does not hold this model's tensors ({wrong[0]})")
 
     def checkpoint(self) -> None:
         state, weights = self.trainer_state(), self.model_state()
@@ -374,11 +411,14 @@ class Trainer:
 def fit(trainer: Trainer, resume: bool) -> dict:
     """Train to ``train.steps``; returns the last logged record."""
     cfg, info = trainer.cfg, trainer.info
-    if resume and not trainer.resume() and info.is_main:
-        print(f"no checkpoint in {trainer.run_dir}; starting from step 0")
     if not resume and list_checkpoints(trainer.run_dir):
         raise UserError(f"{trainer.run_dir} already holds checkpoints; pass --resume or choose another output")
-    check_started_alike(trainer.run_dir, cfg)
+    resumed = resume and trainer.resume()
+    if not resumed:
+        started = trainer.start()
+        if info.is_main and (resume or started != "starting from step 0"):
+            print(f"no checkpoint in {trainer.run_dir}; {started}" if resume else started)
+    check_started_alike(trainer.run_dir, cfg, schedule_may_differ=resumed)
     if info.is_main:  # config.json first: from here on the folder is recognisably a run folder
         remove_run_leftovers(trainer.run_dir)
         write_json_atomic(trainer.run_dir / "config.json", cfg.to_dict())
@@ -394,10 +434,11 @@ def fit(trainer: Trainer, resume: bool) -> dict:
             tokens_since += trainer.plan.tokens_per_step
             step = trainer.step
             final = step == cfg.train.steps
-            if step % cfg.log.every == 0 or final:
+            validate = bool(cfg.eval.every and step % cfg.eval.every == 0) or final
+            if step % cfg.log.every == 0 or validate:  # a validation step is logged whatever log.every says
                 last = log_record(trainer, tokens_since / max(time.perf_counter() - clock, 1e-9))
                 clock, tokens_since = time.perf_counter(), 0
-                if (cfg.eval.every and step % cfg.eval.every == 0) or final:
+                if validate:
                     last.update(trainer.evaluate())
                 log.write(last)
                 bar.set_postfix(
@@ -434,6 +475,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     info = init_distributed()
     try:
         make_plan(cfg, info)  # a bad config is refused before the output is touched
+        cfg = with_init_shape(cfg)
         with own_run(cfg, info):
             trainer = Trainer(cfg, info)
             return fit(trainer, resume)
