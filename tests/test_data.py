@@ -206,9 +206,9 @@ def test_bad_inputs(tmp_path, tokenizer_51200, capsys):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert prepare("empty.jsonl", "o") == 2
     assert "no documents" in capsys.readouterr().err
-    (tmp_path / "x.csv").write_text("a,b")
-    assert prepare("x.csv", "o") == 2
-    assert "unknown input format 'x.csv'" in capsys.readouterr().err
+    (tmp_path / "x.docx").write_text("a,b")
+    assert prepare("x.docx", "o") == 2
+    assert "unknown input format 'x.docx'" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine words"}\n{"text": "bad \xff\xfe bytes"}\n{"text": "more"}\n')
     assert prepare("bad.jsonl", "b") == 0
     out = capsys.readouterr().out

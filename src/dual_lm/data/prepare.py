@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dual_lm import ownership
 from dual_lm.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
-from dual_lm.data.corpus import ReadStats, expand_sources, iter_documents
+from dual_lm.data.corpus import ReadStats, expand_sources, fingerprints, iter_documents, local_inputs
 from dual_lm.errors import UserError
 from dual_lm.tokenizer import load_tokenizer_file
 
@@ -54,6 +54,25 @@ class PrepareRequest:
     valid_tokens: int = 0
     num_shards: int | None = None
     text_field: str = "text"
+    split: str | None = None  # of a hf:NAME dataset (default train) or a DatasetDict folder
+    name: str | None = None  # the configuration of a hf:NAME dataset
+    split_documents: str = "file"  # how text files are cut into documents: file, lines, blank-lines
+
+
+# Recorded in the manifest and the shard markers only when given (so that a folder prepared without
+# them reads as before), and compared also when absent (so that adding or dropping one is noticed).
+INPUT_OPTIONS = {"split": None, "name": None, "split_documents": "file"}
+
+
+def input_options(request: PrepareRequest) -> dict:
+    """The reading flags of the request that differ from their defaults."""
+    given = {key: getattr(request, key) for key in INPUT_OPTIONS}
+    return {key: value for key, value in given.items() if value != INPUT_OPTIONS[key]}
+
+
+def differs(record: dict, expect: dict) -> bool:
+    """Whether a manifest or marker was made for another request than ``expect`` describes."""
+    return any(record.get(k) != expect.get(k) for k in {*expect, *INPUT_OPTIONS})
 
 
 def file_sha256(path: str | Path) -> str:
@@ -62,14 +81,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fingerprint(source) -> str:
-    """A source's name plus its size and modification time, so changed inputs are not mixed with old shards."""
-    if isinstance(source, str):
-        return source
-    stat = Path(source).stat()
-    return f"{source} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -133,7 +144,7 @@ def read_marker(folder: Path, name: str, expect: dict) -> dict | None:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if any(meta.get(k) != v for k, v in expect.items()):
+    if differs(meta, expect):
         return None
     tokens = folder / f"{name}.tokens"
     if not tokens.is_file() or tokens.stat().st_size != meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
@@ -183,7 +194,7 @@ def check_output_folder(request: PrepareRequest) -> Path:
     """The output must be new, empty or a prepare-data folder (a killed run's partial folder counts, so a
     re-run resumes it); never a model folder (its tokenizer.json would be replaced), another folder, an
     input or a folder holding one."""
-    sources = [s for s in (*request.inputs, request.tokenizer) if not s.startswith("corpus:")]
+    sources = local_inputs((*request.inputs, request.tokenizer))
     return ownership.check_output(request.output, ownership.DATA, update=True, sources=sources)
 
 
@@ -234,21 +245,22 @@ def prepare_data(request: PrepareRequest) -> dict:
 
 def _prepare_locked(request: PrepareRequest, writing: _Writing) -> dict:
     out = Path(request.output)
-    sources = expand_sources(list(request.inputs))
+    sources = expand_sources(list(request.inputs), request.split, request.name, request.split_documents)
     tokenizer = load_tokenizer_file(request.tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     base = {
         "format": FORMAT_VERSION,
         "tokenizer_sha256": file_sha256(request.tokenizer),
-        "sources": [_fingerprint(s) for s in sources],
+        "sources": fingerprints(sources),
         "dtype": dtype.name,
         "text_field": request.text_field,
+        **input_options(request),
     }
     _check_existing_manifest(out, base, request)
 
     count_stats = ReadStats()
     chars = 0
-    counted = stripped(iter_documents(sources, request.text_field, count_stats), count_stats)
+    counted = _read(sources, request, count_stats)
     for text in tqdm(counted, desc="counting documents", unit=" doc"):
         chars += len(text)
     if count_stats.documents == 0:
@@ -261,7 +273,7 @@ def _prepare_locked(request: PrepareRequest, writing: _Writing) -> dict:
 
     started = time.perf_counter()
     stats = ReadStats()
-    documents = stripped(iter_documents(sources, request.text_field, stats), stats)
+    documents = _read(sources, request, stats)
     # a with-block: an error (a full disk) ends the bar's line before the one-line message is printed
     with tqdm(total=count_stats.documents, desc="tokenising", unit=" doc") as bar:
         valid = _prepare_valid(out, documents, tokenizer, dtype, base, request.valid_tokens, bar)
@@ -274,6 +286,7 @@ def _prepare_locked(request: PrepareRequest, writing: _Writing) -> dict:
         metas = []
         for k, (lo, hi) in enumerate(shard_bounds(valid["documents"], count_stats.documents, shards)):
             metas.append(_prepare_shard(out, f"train-{k:05d}", documents, lo, hi - lo, tokenizer, dtype, base, bar))
+        _finish_reading(documents)
     manifest = {
         **base,
         "vocab_size": tokenizer.get_vocab_size(),
@@ -282,13 +295,18 @@ def _prepare_locked(request: PrepareRequest, writing: _Writing) -> dict:
         "train_documents": sum(m["documents"] for m in metas),
         "train_tokens": sum(m["tokens"] for m in metas),
         "characters": chars,
-        "skipped": {"invalid_utf8": stats.invalid_utf8, "empty": stats.empty, "not_json": stats.bad_json},
+        "skipped": stats.record(),
         "seconds": round(time.perf_counter() - started, 3),
         "requested_valid_tokens": request.valid_tokens,
         "requested_shards": shards,
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+def _read(sources: list, request: PrepareRequest, stats: ReadStats) -> Iterator[str]:
+    """One pass over the inputs: their documents, stripped, in order; skipped ones are counted in ``stats``."""
+    return stripped(iter_documents(sources, request.text_field, stats, request.split_documents), stats)
 
 
 def _check_existing_manifest(out: Path, base: dict, request: PrepareRequest) -> None:
@@ -303,12 +321,22 @@ def _check_existing_manifest(out: Path, base: dict, request: PrepareRequest) -> 
         print(f"{path} is damaged; checking every shard against its marker and writing it again", file=sys.stderr)
         return
     check_format(old, out)  # a folder of an earlier format is named as such, not as "other inputs"
-    if any(old.get(k) != v for k, v in base.items()):
-        raise UserError(f"{out} already holds data prepared from other inputs or another tokenizer; use a new folder")
+    if differs(old, base):
+        raise UserError(
+            f"{out} already holds data prepared from other inputs, other --split/--name/--split-documents "
+            "or another tokenizer; use a new folder"
+        )
     if old.get("requested_valid_tokens") != request.valid_tokens or (
         request.num_shards and old.get("requested_shards") != request.num_shards
     ):
         raise UserError(f"{out} was prepared with other --valid-tokens/--num-shards; use a new folder")
+
+
+def _finish_reading(documents: Iterator[str]) -> None:
+    """Read the inputs to their end, so that what is skipped after the last document is counted too; a
+    document left over means the inputs changed between the counting pass and this one."""
+    if next(documents, None) is not None:
+        raise UserError("the inputs changed while prepare-data read them (more documents than counted); run it again")
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
