@@ -5,7 +5,9 @@
 2. prefix-mode decode over causal decode (target >= 0.95);
 3. self-speculative decoding over causal decode, with its acceptance rate (needs a trained model:
    ``--folder``, by default the one ``make demo`` writes);
-4. diffusion tokens/s at several step counts next to causal decode (same folder);
+4. diffusion (same folder, real prompts from its held-out data): today's whole-canvas sampler and the
+   cached block sampler at the same steps, and the confidence-threshold rule: tokens/s, passes per
+   token and the causal-mode NLL of the samples (``--diffusion-only``: this table alone);
 5. batched scoring over a one-request-at-a-time loop (target >= 3x).
 
 Usage:  .venv/bin/python bench/generate.py [--folder runs/demo/alpha_0.750_n-reps=1] [--preset small]
@@ -19,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
@@ -71,12 +74,110 @@ def trained_rates(args) -> tuple[dict[str, float], float]:
         holder["result"] = speculative_generate(model, ids[0], args.new, k=args.k, stop_at_eos=False)
 
     rates[f"speculative k={args.k}"] = args.new / best_of(speculate, args.repeats)
-    for steps in (8, 16, 32, 64):
-        cfg = DiffusionConfig(steps=steps, stop_at_eos=False)
-        rates[f"diffusion {steps} steps"] = args.new / best_of(
-            lambda cfg=cfg: diffusion_generate(model, ids[0], args.new, cfg), args.repeats
-        )
     return rates, holder["result"].acceptance_rate
+
+
+# --------------------------------------------------------------------------- diffusion (issue 16)
+
+
+def diffusion_prompts(args, vocab_size: int) -> list[torch.Tensor]:
+    """``--diffusion-prompts`` prompts of ``--prompt`` tokens (``<s>`` first): windows spread over the
+    held-out tokens of ``--prompt-data`` (default: the demo's ``data/valid.tokens`` beside the folder),
+    else one made-up prompt."""
+    path = Path(args.prompt_data or Path(args.folder).parent / "data" / "valid.tokens")
+    if not path.is_file():
+        ids = torch.tensor([1, *range(200, 200 + args.prompt - 1)]) % vocab_size
+        ids[0] = 1
+        return [ids]
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    stride = (len(tokens) - args.prompt) // args.diffusion_prompts
+    return [
+        torch.tensor([1, *tokens[i * stride : i * stride + args.prompt - 1].tolist()])
+        for i in range(args.diffusion_prompts)
+    ]
+
+
+def causal_nll(model, prompt: torch.Tensor, new: list[int]) -> float:
+    """Mean -log p of the new tokens given the prompt under the causal mode (read at the position before)."""
+    seq = torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])
+    logp = torch.log_softmax(model(seq[None]).logits[0, prompt.numel() - 1 : -1].float(), -1)
+    return -logp.gather(1, seq[prompt.numel() :, None]).mean().item()
+
+
+def diffusion_contenders(args) -> dict[str, DiffusionConfig | None]:
+    """Causal greedy decoding (None), today's whole-canvas sampler and the cached block sampler at each
+    of ``--steps`` (with ``--uncached-blocks`` also the uncached block sampler, which tells the block
+    schedule's effect on the NLL from the cache's), and the threshold rule over blocks of each
+    ``--block-lengths``."""
+    lengths = [int(v) for v in args.block_lengths.split(",")]
+    contenders: dict[str, DiffusionConfig | None] = {"causal greedy": None}
+    for steps in (int(v) for v in args.steps.split(",")):
+        contenders[f"whole canvas, {steps} steps"] = DiffusionConfig(steps=steps, stop_at_eos=False)
+        for length in lengths:
+            cfg = DiffusionConfig(steps=steps, block_length=length, stop_at_eos=False)
+            contenders[f"cached blocks of {length}, {steps} steps"] = cfg
+            if args.uncached_blocks:  # the pre-cache block sampler: blocks, but every pass over the whole canvas
+                uncached = DiffusionConfig(steps=steps, block_length=length, cache="none", stop_at_eos=False)
+                contenders[f"uncached blocks of {length}, {steps} steps"] = uncached
+    for length in lengths:
+        for threshold in (float(v) for v in args.thresholds.split(",")):
+            cfg = DiffusionConfig(block_length=length, threshold=threshold, stop_at_eos=False)
+            contenders[f"cached blocks of {length}, threshold {threshold:g}"] = cfg
+    return contenders
+
+
+def diffusion_rates(args) -> tuple[list[dict], int]:
+    """Per contender: tokens/s over the prompts (median of interleaved rounds), passes per token,
+    the causal-mode NLL of the (greedy) samples and their share of distinct tokens; and the prompt count."""
+    model = load_model(args.folder)
+    prompts = diffusion_prompts(args, model.config.vocab_size)
+    fixed = {"max_new_tokens": args.new, "min_new_tokens": args.new, "do_sample": False, "eos_token_id": None}
+
+    def run(cfg):
+        if cfg is None:
+            return [(model.generate(p[None], **fixed)[0, p.numel() :].tolist(), 1.0) for p in prompts]
+        return [
+            (new, result.passes_per_token)
+            for new, result in (diffusion_generate(model, p, args.new, cfg) for p in prompts)
+        ]
+
+    contenders = diffusion_contenders(args)
+    outputs = {name: run(cfg) for name, cfg in contenders.items()}  # also the warm-up
+    times = {name: [] for name in contenders}
+    for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits every contender alike
+        for name, cfg in contenders.items():
+            start = time.perf_counter()
+            run(cfg)
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for name, out in outputs.items():
+        news = [new for new, _ in out]
+        rows.append(
+            {
+                "name": name,
+                "tokens_per_s": args.new * len(prompts) / statistics.median(times[name]),
+                "passes_per_token": statistics.mean(ppt for _, ppt in out),
+                "nll": statistics.mean(causal_nll(model, p, new) for p, new in zip(prompts, news, strict=True)),
+                "distinct": statistics.mean(len(set(new)) / len(new) for new in news),
+            }
+        )
+    return rows, len(prompts)
+
+
+def print_diffusion_table(rows: list[dict], prompts: int) -> None:
+    """A markdown table, speeds relative to causal decoding and to today's sampler at the same steps."""
+    base = {r["name"].split(", ")[-1]: r["tokens_per_s"] for r in rows if r["name"].startswith("whole canvas")}
+    causal = rows[0]["tokens_per_s"]
+    print(f"diffusion ({prompts} prompts, greedy, no stop at </s>):")
+    print("| sampler | tokens/s | x causal | x whole canvas, same steps | passes/token | causal NLL | distinct |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        steps = r["name"].split(", ")[-1]
+        same = f"{r['tokens_per_s'] / base[steps]:.2f}" if steps in base else "-"
+        print(
+            f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / causal:.2f} | {same} "
+            f"| {r['passes_per_token']:.3f} | {r['nll']:.3f} | {r['distinct']:.2f} |"
+        )
 
 
 def scoring_ratio(args) -> tuple[float, float]:
@@ -99,12 +200,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="scoring: (context, continuation) pairs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--diffusion-only", action="store_true", help="only the diffusion table (needs --folder)")
+    parser.add_argument("--diffusion-prompts", type=int, default=5, help="diffusion: prompts from --prompt-data")
+    parser.add_argument("--prompt-data", help="diffusion: uint16 token file (default: FOLDER/../data/valid.tokens)")
+    parser.add_argument("--steps", default="8,16,32,64", help="diffusion: step counts")
+    parser.add_argument("--block-lengths", default="8", help="diffusion: block lengths of the cached sampler")
+    parser.add_argument("--thresholds", default="0.05,0.1,0.2,0.5,0.9", help="diffusion: confidence thresholds")
+    parser.add_argument("--uncached-blocks", action="store_true", help="diffusion: also the uncached block sampler")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
         f"prompt {args.prompt} tokens, {args.new} new tokens, batch 1, float32"
     )
+    if args.diffusion_only:
+        print_diffusion_table(*diffusion_rates(args))
+        return
     rate = decode_rates(args)
     for name, r in rate.items():
         print(f"  preset {args.preset} {name:<28} {r:8.1f} tokens/s")
@@ -115,6 +226,7 @@ def main() -> None:
         for name, r in trained.items():
             print(f"  {args.folder} {name:<22} {r:8.1f} tokens/s  ({r / trained['causal']:.2f}x causal)")
         print(f"speculative acceptance rate: {acceptance:.1%} (k={args.k}, greedy)")
+        print_diffusion_table(*diffusion_rates(args))
     else:
         print(f"(no trained folder at {args.folder}: run `make demo` for the speculative and diffusion rows)")
     batched, alone = scoring_ratio(args)

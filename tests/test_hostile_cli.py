@@ -493,7 +493,7 @@ LIBRARY = [
     (
         "speculative-k-past-the-context",
         ["generate", "{folder}", "--prompt", "hi", "--mode", "speculative", "--k", "64", "--max-new-tokens", "8"],
-        r"prompt \(2 tokens\) \+ 8 new tokens \+ k = 64 drafts exceed the context of 64",
+        r"prompt \(2 tokens\) \+ 8 new tokens \+ 127 positions the drafts look ahead exceed the context of 64",
     ),
     (
         "diffusion-past-the-context",

@@ -274,3 +274,14 @@ def test_bad_inputs_raise_one_clear_error(model, kwargs, message):
 def test_sequence_longer_than_position_limit(model):
     with pytest.raises(ValueError, match="longer than the position limit max_position_embeddings=64"):
         model(random_ids(length=65))
+
+
+def test_a_prefix_task_default_without_prefix_lengths_says_what_to_do():
+    from dual_lm.config import PRESETS, llama_config
+
+    config = llama_config(PRESETS["tiny"], task_attention="prefix", num_labels=2)
+    model = DLMLlamaForSequenceClassification(config).eval()
+    with pytest.raises(ValueError, match=r"dlm_task_attention='prefix' needs prefix_lengths .* pipelines"):
+        model(torch.tensor([[1, 300, 400]]))
+    out = model(torch.tensor([[1, 300, 400]]), prefix_lengths=torch.tensor([2]))
+    assert out.logits.shape == (1, 2)

@@ -69,7 +69,7 @@ def test_a_longer_run_resumed_in_the_stable_phase_equals_the_uninterrupted_one(d
     shutil.rmtree(short)
     run_training(config(data_dir, short, **{"train.steps": 8, **settings}))
     argv = ["train", *overrides(data_dir, short, **{"train.steps": 12, **settings}), "--resume"]
-    refuses(argv, "train", r"2 update\(s\) into the decay .*\(from step 6\).*step 6 or earlier", short)
+    refuses(argv, "train", r"2 update\(s\) into the decay .*\(from step 6\).*step 7 or earlier", short)
 
 
 def test_decay_from_branches_a_stable_checkpoint_into_its_decay(data_dir, tmp_path, long_run):
@@ -85,6 +85,14 @@ def test_decay_from_branches_a_stable_checkpoint_into_its_decay(data_dir, tmp_pa
     argv = ["train", *overrides(data_dir, tmp_path / "b2", **{"objective.alpha": 0.5, "train.decay_from": long_run})]
     refuses(argv, "train", r"has taken 12 updates, more than train.steps=8", long_run)
     assert not (tmp_path / "b2").exists()
+    # nothing left to take: a branch at its own train.steps
+    argv = ["train", *overrides(data_dir, tmp_path / "b4", **{"objective.alpha": 0.5, "train.decay_from": plain})]
+    refuses(argv, "train", r"has taken 8 updates already: train.steps=8 leaves none", plain)
+    # inside the source run: pruning its checkpoints would delete the branch
+    inside = source / "branch"
+    argv = ["train", *overrides(data_dir, inside, **{"objective.alpha": 0.5, "train.decay_from": source})]
+    refuses(argv, "train", r"lies inside .*long.*where train.decay_from points", long_run)
+    assert not inside.exists()
     # another objective is another run
     argv = ["train", *overrides(data_dir, tmp_path / "b3", **{"objective.alpha": 0.25, "train.decay_from": source})]
     refuses(argv, "train", r"written with another config", long_run)
@@ -107,6 +115,16 @@ def test_the_schedule_rule():
     with pytest.raises(ValueError, match=r"update 1 .*warmup"):
         check_same_past(cfg(100, warmup=0.1), cfg(200, warmup=0.1), 50, "c")
     check_same_past(cfg(100, decay=0.0), cfg(300, decay=0.0), 100, "c")  # a finished run without a decay
+    with pytest.raises(ValueError, match="new schedule's decay begins at step 165, before c's step 200"):
+        check_same_past(cfg(1000), cfg(220), 200, "c")
+    ranks = ["objective.alpha_mode=ranks", "objective.alpha=0.5", "data.repetitions=2"]
+
+    def rotating(steps):
+        return load_train_config(None, ["data.path=x", f"train.steps={steps}", *ranks])
+
+    check_same_past(rotating(100), rotating(100), 60, "c")
+    with pytest.raises(ValueError, match="update 50 of c ran in rank-rotation epoch 1 but would run in epoch 0"):
+        check_same_past(rotating(100), rotating(200), 60, "c")
 
 
 # ------------------------------------------------------------------- model.init_from
@@ -158,6 +176,8 @@ def test_init_from_refusals(data_dir, tmp_path, init_folder):
         argv = ["train", *overrides(data_dir, tmp_path / "run", **{"model.init_from": folder, **extra})]
         refuses(argv, "train", message, init_folder, data_dir, tmp_path)
         assert not (tmp_path / "run").exists()
+    argv = ["train", *overrides(data_dir, init_folder / "run", **{"model.init_from": init_folder})]
+    refuses(argv, "train", "lies inside .* where model.init_from points", init_folder)
     (foreign / "tokenizer.json").unlink()
     argv = ["train", *overrides(data_dir, tmp_path / "run", **{"model.init_from": foreign})]
     refuses(argv, "train", "has no tokenizer.json, so its token ids cannot be checked", init_folder, tmp_path)
@@ -219,3 +239,31 @@ def test_the_causal_to_dual_example_runs(data_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     with pytest.raises(SystemExit):
         causal_to_dual.main(argv)  # the output is no longer empty
+
+
+def test_resume_needs_neither_the_init_folder_nor_the_new_keys(data_dir, tmp_path, init_folder):
+    """A started init_from run resumes after its folder moved (its shape is in its own config), and a
+    checkpoint written before the keys of this change existed still resumes (defaults filled in)."""
+    moved = tmp_path / "init"
+    shutil.copytree(init_folder, moved)
+    run = tmp_path / "run"
+    settings = {"model.init_from": moved, "train.steps": 4, "checkpoint.every": 2, "checkpoint.keep_last": 0}
+    run_training(config(data_dir, run, **settings))
+    final = weights_at(run, 4)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    shutil.move(moved, tmp_path / "elsewhere")
+    run_training(config(data_dir, run, **settings), resume=True)
+    assert_same(weights_at(run, 4), final)
+
+    old = tmp_path / "old"
+    run_training(config(data_dir, old, **{"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep_last": 0}))
+    final = weights_at(old, 4)
+    shutil.rmtree(old / "checkpoints" / "step-00000004")
+    for path in (old / "config.json", old / "checkpoints" / "step-00000002" / "state.json"):
+        saved = json.loads(path.read_text())
+        target = saved.get("config", saved)
+        for section, key in (("model", "vocab_size"), ("model", "init_from"), ("train", "decay_from")):
+            del target[section][key]
+        path.write_text(json.dumps(saved))
+    run_training(config(data_dir, old, **{"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep_last": 0}), True)
+    assert_same(weights_at(old, 4), final)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -440,3 +441,12 @@ def config_from_dict(values: dict) -> TrainConfig:
     cfg = TrainConfig()
     _fill(cfg, values)
     return cfg
+
+
+def run_identity(config: dict) -> dict:
+    """What makes two configs the same run: every setting but ``output``, defaults filled in, so a
+    config written before a key existed still equals one that has the key at its default, and a
+    moved or copied run folder resumes. A config that does not parse is compared as written."""
+    with contextlib.suppress(UserError, TypeError, AttributeError):
+        config = config_from_dict(config).to_dict()
+    return {k: v for k, v in config.items() if k != "output"}

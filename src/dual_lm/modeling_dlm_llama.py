@@ -17,6 +17,11 @@ Attention patterns, selected per call:
 ``attention_mask`` [B, P+T] (1 = token, 0 = padding) combines with all of them. ``run_trunk`` also
 takes ``row_causal`` [B] (bool) instead of a mode: causal rows where True, bidirectional rows where
 False, in one pass (the dual objective's mixed AR/MD batches).
+
+Prefix mode with one prefix length for the whole batch (no padding, no cache before the call, the
+sdpa backend, run eagerly) needs no mask: ``prefix_attention`` runs it as unmasked SDPA kernel
+calls, reached through transformers' ``sdpa`` attention function (``_sdpa_with_prefix``). Every other
+pattern takes one dense boolean mask (``allowed_attention``), the slow twin the tests compare against.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, LlamaConfig
+from transformers import AttentionInterface, GenerationMixin, LlamaConfig
 from transformers import initialization as init
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -39,6 +45,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 from transformers.utils import can_return_tuple
 
@@ -67,6 +74,11 @@ def resolve_mode(attention_mode: str | None, prefix_lengths, default: str) -> st
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention_mode {mode!r}; choose one of {', '.join(ATTENTION_MODES)}")
     if mode == "prefix" and prefix_lengths is None:
+        if attention_mode is None:  # the model's default (config.dlm_task_attention), not the caller's choice
+            raise ValueError(
+                "config.dlm_task_attention='prefix' needs prefix_lengths (a LongTensor [B]) in every call, which "
+                "transformers' pipelines do not pass; set it to 'bidirectional' or 'causal' to use them"
+            )
         raise ValueError("attention_mode='prefix' needs prefix_lengths (a LongTensor [B])")
     if mode != "prefix" and prefix_lengths is not None:
         raise ValueError(f"prefix_lengths is only used with attention_mode='prefix', not {mode!r}")
@@ -132,6 +144,126 @@ def to_attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """Additive float mask (0 where allowed, the dtype's minimum elsewhere) for eager attention."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+# --------------------------------------------------------------------------- prefix attention without a mask
+
+PREFIX_KERNELS = ("lse", "split", "lower_right")
+
+
+def prefix_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float = 0.0) -> str:
+    """The kernel ``prefix_attention`` uses by default: ``lse`` on the CPU without gradients or dropout
+    (the least work), ``split`` on the CPU otherwise (autograd through stock SDPA), ``lower_right`` elsewhere."""
+    if query.device.type != "cpu":
+        return "lower_right"
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (
+        "split"
+        if grad or dropout or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        else "lse"
+    )
+
+
+def prefix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_length: int,
+    scale: float | None = None,
+    dropout: float = 0.0,
+    kernel: str | None = None,
+) -> torch.Tensor:
+    """Prefix attention with one prefix length P for every row, and no mask: [B, H, T, D] in and out.
+
+    Queries [0, P) see keys [0, P); a query i >= P sees keys [0, i] (the prefix is inside that already).
+    Query, key and value hold the same T positions with as many key as query heads. The kernels:
+
+    - ``lse``: every query against the prefix keys (unmasked, T x P) and the suffix queries against the
+      suffix keys (causal, square), the suffix merged by the two log-sum-exps: the pattern's own work,
+      P x T + (T-P)^2 / 2 scores. CPU only (its flash kernel returns the log-sum-exp), no gradient.
+    - ``split``: the whole sequence causal and the prefix block bidirectional, the prefix rows taken from
+      the latter; P^2 / 2 more scores than the pattern, plain SDPA calls, so any device and autograd.
+    - ``lower_right``: the prefix block unmasked, and the suffix queries against every key under
+      torch's bottom-right causal bias, which the flash and memory-efficient kernels of accelerators
+      take without a mask (the CPU materialises it).
+    """
+    q_len = query.shape[2]
+    if not 0 <= prefix_length <= q_len or key.shape[2] != q_len:
+        raise ValueError(
+            f"prefix_attention needs 0 <= P <= T keys = T queries, got P={prefix_length}, "
+            f"{q_len} queries, {key.shape[2]} keys"
+        )
+    sdpa = F.scaled_dot_product_attention
+    if prefix_length == 0:
+        return sdpa(query, key, value, dropout_p=dropout, is_causal=True, scale=scale)
+    if prefix_length == q_len:
+        return sdpa(query, key, value, dropout_p=dropout, scale=scale)
+    kernel = kernel or prefix_kernel(query, key, value, dropout)
+    P = prefix_length
+    if kernel == "lse":
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            raise ValueError("the 'lse' prefix kernel has no gradient (its log-sum-exps are constants); use 'split'")
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse_prefix = flash(query, key[:, :, :P], value[:, :, :P], dropout, False, scale=scale)
+        suffix, lse_suffix = flash(query[:, :, P:], key[:, :, P:], value[:, :, P:], dropout, True, scale=scale)
+        # softmax over both key sets = a mix of the two partial outputs weighted by exp(lse):
+        # weight of the prefix part = e^a / (e^a + e^b) = sigmoid(a - b)
+        weight = torch.sigmoid(lse_prefix[:, :, P:].float() - lse_suffix.float()).unsqueeze(-1)
+        mixed = torch.lerp(suffix.float(), out[:, :, P:].float(), weight)
+        out[:, :, P:] = mixed.to(out.dtype)  # a fresh kernel output, not part of any graph
+        return out
+    if kernel == "split":
+        head = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], dropout_p=dropout, scale=scale)
+        causal = sdpa(query, key, value, dropout_p=dropout, is_causal=True, scale=scale)
+        return torch.cat([head, causal[:, :, P:]], dim=2)
+    if kernel == "lower_right":
+        from torch.nn.attention.bias import causal_lower_right
+
+        head = sdpa(query[:, :, :P], key[:, :, :P], value[:, :, :P], dropout_p=dropout, scale=scale)
+        bias = causal_lower_right(q_len - P, q_len)
+        tail = sdpa(query[:, :, P:], key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
+        return torch.cat([head, tail], dim=2)
+    raise ValueError(f"unknown prefix kernel {kernel!r}; choose one of {', '.join(PREFIX_KERNELS)}")
+
+
+_PREFIX_PROTOCOL = 1  # what ``run_trunk`` passes the attention function (``dlm_prefix_length``); bump on change
+
+
+def _sdpa_with_prefix(module, query, key, value, attention_mask, *args, dlm_prefix_length=None, **kwargs):
+    """transformers' ``sdpa`` attention function, registered in its place: every call runs the stock
+    function unchanged, except ``run_trunk``'s shared-prefix calls (``dlm_prefix_length`` = P), which run
+    ``prefix_attention``. Those come with no padding and no cached keys before them, so the only mask
+    transformers may still hand over encodes causality and a static cache's empty slots: the first T
+    keys and ``prefix_attention``'s pattern replace it exactly."""
+    if dlm_prefix_length is None:
+        return _sdpa_with_prefix._dlm_base(module, query, key, value, attention_mask, *args, **kwargs)
+    q_len = query.shape[2]
+    key, value = key[:, :, :q_len], value[:, :, :q_len]
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = prefix_attention(
+        query, key, value, dlm_prefix_length, scale=kwargs.get("scaling"), dropout=kwargs.get("dropout", 0.0)
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+_sdpa_with_prefix._dlm_base = sdpa_attention_forward
+_sdpa_with_prefix._dlm_prefix_protocol = _PREFIX_PROTOCOL
+
+
+def _prefix_kernels_ready() -> bool:
+    """Whether the ``sdpa`` attention function takes ``run_trunk``'s shared-prefix calls; registers
+    ``_sdpa_with_prefix`` in place of transformers' own on first use (a copy of this file loaded with
+    trust_remote_code finds it registered). Another ``sdpa`` override is left alone: then prefix mode
+    keeps its dense mask."""
+    current = ALL_ATTENTION_FUNCTIONS.get("sdpa")
+    if getattr(current, "_dlm_prefix_protocol", None) == _PREFIX_PROTOCOL:
+        return True
+    if current is not sdpa_attention_forward:
+        return False
+    AttentionInterface.register("sdpa", _sdpa_with_prefix)
+    return ALL_ATTENTION_FUNCTIONS.get("sdpa") is _sdpa_with_prefix
 
 
 # --------------------------------------------------------------------------- modules
@@ -324,7 +456,10 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
             # left padding: rotary positions count real tokens only, so padding never shifts logits
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
         plain_causal = mode == "causal" and document_ids is None
-        if not plain_causal and (attention_mask is None or attention_mask.dim() == 2):
+        shared = self._shared_prefix(mode, q_len, past_len, attention_mask, prefix_lengths, document_ids)
+        if shared is not None:  # one prefix length, nothing padded: unmasked kernels (prefix_attention)
+            attention_mask, kwargs["dlm_prefix_length"] = None, shared
+        elif not plain_causal and (attention_mask is None or attention_mask.dim() == 2):
             allowed = self._allowed(mode, row_causal, ref, past_len, attention_mask, prefix_lengths, document_ids)
             if self.config._attn_implementation == "sdpa" and _known_all_true(allowed):
                 # everything visible: no mask at all lets SDPA pick its fastest kernel
@@ -340,6 +475,27 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+
+    split_prefix_attention = True  # False: prefix mode always takes the dense mask (the slow twin)
+
+    def _shared_prefix(self, mode, q_len, past_len, attention_mask, prefix_lengths, document_ids) -> int | None:
+        """The prefix length P of a prefix-mode call that ``prefix_attention`` runs without a mask, else None:
+        sdpa backend, run eagerly, one P for every row, no padding, no documents, nothing cached before."""
+        if (
+            mode != "prefix"
+            or not self.split_prefix_attention
+            or self.config._attn_implementation != "sdpa"
+            or not _eager()
+            or document_ids is not None
+            or past_len != 0
+            or prefix_lengths.numel() == 0
+        ):
+            return None
+        if attention_mask is not None and (attention_mask.dim() != 2 or not _known_all_true(attention_mask.bool())):
+            return None
+        if not _known_all_true(prefix_lengths == prefix_lengths[0]) or not _prefix_kernels_ready():
+            return None
+        return int(prefix_lengths[0])
 
     @staticmethod
     def _allowed(mode, row_causal, ref, past_len, attention_mask, prefix_lengths, document_ids) -> torch.Tensor:
@@ -728,6 +884,7 @@ __all__ = [
     "DLMLlamaPreTrainedModel",
     "allowed_attention",
     "allowed_attention_per_row",
+    "prefix_attention",
     "resolve_mode",
     "to_attention_bias",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 from dual_lm.cli.making import _run_config
 from dual_lm.cli.options import SEED, Command, add_device_options, integer, real
 from dual_lm.errors import UserError
-from dual_lm.inference import DRAFTS, MODES, SCORE_MODES, STRATEGIES
+from dual_lm.inference import CACHES, DRAFTS, MODES, SCORE_MODES, STRATEGIES
 from dual_lm.ownership import check_output_file
 
 
@@ -49,6 +49,8 @@ def _generation_options(args) -> dict:
             "seed": args.seed,
             "strategy": args.strategy,
             "block_length": args.block_length,
+            "threshold": args.threshold,
+            "cache": args.cache,
         }
     import torch
 
@@ -65,7 +67,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--k", type=integer(1, 64), default=4, help="speculative: tokens drafted per round by the bidirectional mode"
     )
-    p.add_argument("--draft", default="cached", choices=DRAFTS, help="speculative: the draft pass")
+    p.add_argument(
+        "--draft", default="one-pass", choices=DRAFTS, help="speculative: one pass per round, or a draft pass + a check"
+    )
     p.add_argument("--max-new-tokens", type=integer(1), default=50)
     p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=real(0, 1, low_open=True), default=0.95, help="causal/prefix sampling: nucleus mass")
@@ -73,7 +77,24 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--steps", type=integer(1), default=32, help="diffusion: model passes")
     p.add_argument("--strategy", default="confidence", choices=STRATEGIES)
-    p.add_argument("--block-length", type=integer(1), default=None, help="diffusion: semi-autoregressive blocks")
+    p.add_argument(
+        "--block-length",
+        type=integer(1),
+        default=None,
+        help="diffusion: blocks of N new tokens, left to right, the finished ones in a causal KV cache",
+    )
+    p.add_argument(
+        "--threshold",
+        type=real(0, 1, low_open=True),
+        default=None,
+        help="diffusion: per pass commit every slot more confident than T (at least one); adaptive steps",
+    )
+    p.add_argument(
+        "--cache",
+        default="causal",
+        choices=CACHES,
+        help="diffusion with --block-length: exact causal KV cache, or none (recompute the canvas every pass)",
+    )
     p.add_argument("--prompts", help="a file of prompts (one per line, or a .jsonl with 'prompt'): JSONL out")
     p.add_argument(
         "--batch-size", type=integer(1), default=8, help="--prompts in causal/prefix mode: prompts per batch"
@@ -82,10 +103,21 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     add_device_options(p)
 
 
+def _check_diffusion_options(args) -> None:
+    """The diffusion flags that depend on each other, refused before the model loads."""
+    if args.mode != "diffusion":
+        return
+    if args.block_length is not None and args.block_length > args.max_new_tokens:
+        raise UserError(f"--block-length ({args.block_length}) must be <= --max-new-tokens ({args.max_new_tokens})")
+    if args.threshold is not None and args.strategy != "confidence":
+        raise UserError(f"--threshold commits by confidence: use --strategy confidence, not {args.strategy}")
+
+
 def _generate(args) -> int:
     from dual_lm.inference.generation import TextPrinter, generate_batch, generate_text
     from dual_lm.studies.requests import read_prompts, write_generations
 
+    _check_diffusion_options(args)
     if (args.prompt is None) == (args.prompts is None):
         raise UserError("give exactly one of --prompt TEXT or --prompts FILE")
     if args.output is not None and args.prompts is None:
@@ -113,8 +145,8 @@ def _generate(args) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.mode == "speculative":
-        text, rate = text
-        print(f"[speculative: {rate:.1%} of the drafted tokens accepted, k={args.k}]", file=sys.stderr)
+        text, result = text
+        print(result.stats_line(args.k), file=sys.stderr)
     if not streams:
         print(args.prompt + text)
     return 0

@@ -123,7 +123,7 @@ def generate_text(
 ):
     """Continue ``prompt`` in one of ``MODES``; options go to ``model.generate``, ``DiffusionConfig`` or
     ``speculative_generate``. A ``streamer`` (e.g. ``TextPrinter``) sees the tokens as they come in the
-    causal, prefix and speculative modes. The speculative mode returns (text, acceptance rate)."""
+    causal, prefix and speculative modes. The speculative mode returns (text, ``SpeculativeResult``)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
@@ -133,7 +133,7 @@ def generate_text(
         return continuation_text(tokenizer, ids[0].tolist(), new)
     if mode == "speculative":
         result = speculative_generate(model, ids[0], max_new_tokens, streamer=streamer, **options)
-        return continuation_text(tokenizer, ids[0].tolist(), result.tokens), result.acceptance_rate
+        return continuation_text(tokenizer, ids[0].tolist(), result.tokens), result
     check_sampling(options)
     out = model.generate(
         ids, max_new_tokens=max_new_tokens, prefix_attention=mode == "prefix", streamer=streamer, **options

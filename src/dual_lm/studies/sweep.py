@@ -31,10 +31,11 @@ from fractions import Fraction
 from pathlib import Path
 
 from dual_lm.atomic import write_json_atomic, write_text_atomic
-from dual_lm.config import TrainConfig
+from dual_lm.config import TrainConfig, run_identity
 from dual_lm.errors import UserError
 from dual_lm.studies.heldout import scoring_gap
 from dual_lm.training.checkpoint import branch_name, export_checkpoint, list_checkpoints
+from dual_lm.training.origins import with_init_shape
 from dual_lm.training.runlog import VAL_KEYS, final_metrics
 
 # a cell result's evaluation part: recomputed (without retraining) when the evaluation options change
@@ -130,7 +131,7 @@ def task_scores(model_dir: Path, spec: SweepSpec) -> dict:
 
 
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "output"}
+    return run_identity(config)
 
 
 def check_same_config(cell_dir: Path, cfg: TrainConfig) -> None:
@@ -142,7 +143,7 @@ def check_same_config(cell_dir: Path, cfg: TrainConfig) -> None:
         saved = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); delete the cell {cell_dir} to rerun it") from None
-    if not isinstance(saved, dict) or _comparable(saved) != _comparable(cfg.to_dict()):
+    if not isinstance(saved, dict) or _comparable(saved) != _comparable(with_init_shape(cfg).to_dict()):
         raise UserError(
             f"{cell_dir} was run with another config (see {path}); use a new --output, or delete the cell to rerun it"
         )

@@ -16,7 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from dual_lm.config import ModelSection, TrainConfig, preset
+from dual_lm.config import ModelSection, TrainConfig, preset, run_identity
 from dual_lm.errors import UserError
 from dual_lm.training.objectives import rotation_epoch
 from dual_lm.training.optim import wsd_lr_factor
@@ -32,10 +32,10 @@ FREE_KEYS = (
 def identity_but_schedule(config: dict) -> dict:
     """What must not change when a run is continued: the config without its schedule and the settings
     that never change an update (the output, the origin, checkpointing, logging, validation)."""
-    out = json.loads(json.dumps(config))  # a deep copy of plain JSON values
+    out = json.loads(json.dumps(run_identity(config)))  # defaults filled in; a deep copy of plain JSON values
     for section, key in (*SCHEDULE_KEYS, *FREE_KEYS):
         if key is None:
-            out.pop(section, None)
+            out.pop(section, None)  # "output" is gone already; the free sections go here
         elif isinstance(out.get(section), dict):
             out[section].pop(key, None)
     return out
@@ -69,14 +69,30 @@ def check_same_past(old: TrainConfig, new: TrainConfig, step: int, where: str) -
             break
     else:
         return
-    start = decay_start(old)
+    raise UserError(_why_not(old, new, s, step, where))
+
+
+def _why_not(old: TrainConfig, new: TrainConfig, s: int, step: int, where: str) -> str:
+    """The message for the first update ``s`` whose learning rate or rank rotation would change."""
+    if _rotation(old, s) != _rotation(new, s):
+        return (
+            f"update {s} of {where} ran in rank-rotation epoch {_rotation(old, s)} but would run in epoch "
+            f"{_rotation(new, s)}: with objective.alpha_mode=ranks and data.repetitions > 1 the epochs are "
+            "train.steps / data.repetitions long, so the run's length cannot change"
+        )
+    start, new_start = decay_start(old), decay_start(new)
     if s >= start:
-        raise UserError(
+        return (
             f"{where} is {step - start} update(s) into the decay of its {old.train.steps}-step schedule (from "
             f"step {start}): the new schedule would have taken them at another learning rate; continue from a "
-            f"checkpoint at step {start} or earlier (train.decay_from=CHECKPOINT branches a new run from one)"
+            f"checkpoint at step {start + 1} or earlier (train.decay_from=CHECKPOINT branches a new run from one)"
         )
-    raise UserError(
+    if s >= new_start:
+        return (
+            f"the new schedule's decay begins at step {new_start}, before {where}'s step {step}: choose "
+            f"train.steps and optim.decay so that the decay begins at step {step} or later"
+        )
+    return (
         f"update {s} of {where} ran at learning-rate factor {_factor(old, s):.6g} but the new schedule gives it "
         f"{_factor(new, s):.6g} (the warmup is optim.warmup x train.steps updates, so a longer run lengthens it); "
         "set optim.warmup so that the updates already taken keep their learning rates"
@@ -130,6 +146,9 @@ def with_init_shape(cfg: TrainConfig) -> TrainConfig:
     name = cfg.model.init_from
     if not name:
         return cfg
+    started = _started_model(cfg)
+    if started is not None:  # a run that has started took its shape from the folder then: no need for it now
+        return dataclasses.replace(cfg, model=started)
     opened = open_folder(name)
     folder_shape = {field: opened.config[key] for field, key in SHAPE_FIELDS.items()}
     _check_no_contradiction(cfg.model, folder_shape, name)
@@ -138,6 +157,23 @@ def with_init_shape(cfg: TrainConfig) -> TrainConfig:
         check_same_tokenizer(opened.path, data)
     model = dataclasses.replace(cfg.model, **folder_shape)
     return dataclasses.replace(cfg, model=model)
+
+
+def _started_model(cfg: TrainConfig) -> ModelSection | None:
+    """The model section of the run folder's ``config.json`` when that run was started from the same
+    ``init_from`` with the same settings given (a resume, or a sweep cell run again), else None."""
+    path = Path(cfg.output) / "config.json"
+    try:
+        saved = json.loads(path.read_text())["model"]
+        section = ModelSection(**saved)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if section.init_from != cfg.model.init_from:
+        return None
+    given = dataclasses.asdict(cfg.model)
+    if any(v != getattr(ModelSection, k) and v != saved.get(k) for k, v in given.items() if k != "preset"):
+        return None  # another setting given now: checked against the folder again
+    return section
 
 
 def _check_no_contradiction(section: ModelSection, folder_shape: dict, name: str) -> None:

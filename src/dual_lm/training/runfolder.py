@@ -10,17 +10,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from dual_lm import ownership
-from dual_lm.config import TrainConfig
+from dual_lm.config import TrainConfig, run_identity
 from dual_lm.errors import UserError
 from dual_lm.training.checkpoint import remove_leftovers
 from dual_lm.training.dist import DistInfo, sum_across_ranks
 from dual_lm.training.origins import identity_but_schedule
 from dual_lm.training.runlog import METRICS_FILE
-
-
-def run_identity(config: dict) -> dict:
-    """What makes two configs the same run: everything but ``output``, so a moved or copied run folder resumes."""
-    return {k: v for k, v in config.items() if k != "output"}
 
 
 def check_started_alike(run_dir: Path, cfg: TrainConfig, schedule_may_differ: bool = False) -> None:
@@ -51,6 +46,23 @@ def remove_run_leftovers(run_dir: Path) -> None:
         print(f"removed what a killed run left in {run_dir}: {names}", file=sys.stderr)
 
 
+def check_outside_origins(out: Path, cfg: TrainConfig) -> None:
+    """The run may not live inside the folder it starts from (``model.init_from``) or inside the run
+    whose checkpoint it branches from (``train.decay_from``): replacing that model folder or pruning
+    that checkpoint would delete the new run with it."""
+    target = out.resolve()
+    for key, origin in (("model.init_from", cfg.model.init_from), ("train.decay_from", cfg.train.decay_from)):
+        if not origin:
+            continue
+        source = Path(origin).resolve()
+        roots = [source, source.parent.parent] if source.parent.name == "checkpoints" else [source]
+        for root in roots:
+            if target.is_relative_to(root):
+                raise UserError(
+                    f"refusing to write run {out}: it lies inside {root}, where {key} points; choose another output"
+                )
+
+
 @contextmanager
 def own_run(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
     """Check the output and hold the run's lock for the whole run (rank 0), before anything is written.
@@ -66,6 +78,7 @@ def own_run(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
         created = False
         if info.is_main:
             try:
+                check_outside_origins(out, cfg)
                 origins = (cfg.data.path, cfg.model.init_from, cfg.train.decay_from)
                 ownership.check_output(out, ownership.RUN, update=True, sources=[p for p in origins if p])
                 created = not out.exists()

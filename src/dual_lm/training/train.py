@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dual_lm import __version__
 from dual_lm.atomic import write_json_atomic
-from dual_lm.config import CONTEXT, SEED_STRIDE, TrainConfig, llama_config
+from dual_lm.config import CONTEXT, SEED_STRIDE, TrainConfig, llama_config, run_identity
 from dual_lm.data.loader import PackedLoader, TokenShards
 from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
@@ -36,7 +36,7 @@ from dual_lm.training.dist import DistInfo, all_keys, barrier, init_distributed,
 from dual_lm.training.objectives import DualObjective, md_ranks, rank_runs_md, rotation_epoch, rows_for_ar
 from dual_lm.training.optim import build_optimizer, set_lr_factor, wsd_lr_factor
 from dual_lm.training.origins import check_same_past, identity_but_schedule, init_weights, with_init_shape
-from dual_lm.training.runfolder import check_started_alike, own_run, remove_run_leftovers, run_identity
+from dual_lm.training.runfolder import check_started_alike, own_run, remove_run_leftovers
 from dual_lm.training.runlog import VAL_KEYS, MetricsLog
 
 EVAL_SEED = 1234
@@ -237,11 +237,21 @@ class Trainer:
         """Start a run that has no checkpoint of its own: from ``train.decay_from``'s checkpoint, from
         ``model.init_from``'s weights (a fresh optimiser at step 0) or as initialised; says which."""
         if self.cfg.train.decay_from:
-            path = resolve_checkpoint(self.cfg.train.decay_from)
-            loaded = load_checkpoint(path)
-            self._check_same_run(path, loaded[2])
-            self._check_fits(path, *loaded)
-            self._load(loaded[2]["step"], *loaded[:2])
+            path, step, loaded, failure = None, -1, None, None
+            try:
+                path = resolve_checkpoint(self.cfg.train.decay_from)
+                loaded = load_checkpoint(path)
+                self._check_same_run(path, loaded[2])
+                self._check_fits(path, *loaded)
+                step = loaded[2]["step"]
+                if step >= self.cfg.train.steps:
+                    raise UserError(f"{path} has taken {step} updates already: train.steps={step} leaves none to take")
+            except UserError as err:
+                failure = err
+            self._agree_on_step(step)  # every rank branches from the same checkpoint, or all stop together
+            if failure is not None:
+                raise failure
+            self._load(step, *loaded[:2])
             return f"continuing from {path} (step {self.step})"
         if self.cfg.model.init_from:
             weights = init_weights(self.cfg.model.init_from)
