@@ -85,3 +85,18 @@ def dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def assert_same_folder(a: Path, b: Path) -> None:
+    """Two prepare-data folders hold the same files, byte for byte (the manifest's timing aside)."""
+    import json
+
+    from dual_lm import ownership
+
+    names = sorted(p.name for p in a.iterdir() if p.name != ownership.LOCK_NAME)
+    assert names == sorted(p.name for p in b.iterdir() if p.name != ownership.LOCK_NAME)
+    for name in names:
+        x, y = (a / name).read_bytes(), (b / name).read_bytes()
+        if name == "manifest.json":
+            x, y = ({k: v for k, v in json.loads(z).items() if k != "seconds"} for z in (x, y))
+        assert x == y, name

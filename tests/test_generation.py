@@ -20,7 +20,7 @@ from dual_lm.inference.generation import (
 )
 from dual_lm.inference.sampling import cut_at_eos
 from dual_lm.tokens import MASK_ID
-from weights import perturbed
+from weights import peaked_tiny_model, perturbed
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +174,8 @@ def test_speculative_greedy_equals_causal_greedy(model_and_tokenizer):
 def test_speculative_sampling_has_the_causal_distribution():
     from dual_lm.inference.speculative import speculative_generate
 
-    torch.manual_seed(0)
-    model = DLMLlamaForCausalLM(llama_config(PRESETS["tiny"])).eval()
-    with torch.no_grad():  # peaked, and different in the two modes, so rejections happen
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        model.lm_head.output.weight.mul_(30)
+    model = peaked_tiny_model()
+    with torch.no_grad():
         prompt = torch.tensor([1, 300])
         p = torch.softmax(model(prompt[None]).logits[0, -1].float(), -1)
         p[MASK_ID] = 0

@@ -19,7 +19,7 @@ import pytest
 from conftest import sentences
 from dual_lm import ownership
 from dual_lm.data import prepare
-from hostile import refuses, run_cli
+from hostile import assert_same_folder, refuses, run_cli
 
 # ------------------------------------------------------------------------------ data folders opened by train
 
@@ -320,16 +320,6 @@ def test_disk_full_keeps_committed_shards_and_the_rerun_finishes(corpus, tmp_pat
 def fresh(tok: Path, text: Path, out: Path) -> Path:
     assert run_cli(prepare_args(tok, text, out)).code == 0
     return out
-
-
-def assert_same_folder(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir() if p.name != ownership.LOCK_NAME)
-    assert names == sorted(p.name for p in b.iterdir() if p.name != ownership.LOCK_NAME)
-    for name in names:
-        x, y = (a / name).read_bytes(), (b / name).read_bytes()
-        if name == "manifest.json":
-            x, y = ({k: v for k, v in json.loads(z).items() if k != "seconds"} for z in (x, y))
-        assert x == y, name
 
 
 def test_a_killed_prepare_leaves_temporaries_that_the_next_run_removes(corpus, tmp_path):

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import sentences
-from dual_lm import ownership
 from dual_lm.data import prepare, sources
 from dual_lm.data.documents import cut_text
 from dual_lm.data.loader import TokenShards
-from hostile import refuses, run_cli
+from hostile import assert_same_folder, refuses, run_cli
 
 DOCS = [*sentences(9, 11), 'with a comma, a "quote" and a tab\tinside', "  padded with spaces  "]
 
@@ -292,16 +291,6 @@ def _interrupt_at(monkeypatch, shard: str) -> None:
         return original(self, documents)
 
     monkeypatch.setattr(prepare.ShardWriter, "add", add)
-
-
-def assert_same_folder(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir() if p.name != ownership.LOCK_NAME)
-    assert names == sorted(p.name for p in b.iterdir() if p.name != ownership.LOCK_NAME)
-    for name in names:
-        x, y = (a / name).read_bytes(), (b / name).read_bytes()
-        if name == "manifest.json":
-            x, y = ({k: v for k, v in json.loads(z).items() if k != "seconds"} for z in (x, y))
-        assert x == y, name
 
 
 def test_an_interrupted_run_resumes_to_the_same_bytes(tok, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from dual_lm.inference.speculative import (
 )
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
 from dual_lm.tokens import MASK_ID
-from weights import perturbed
+from weights import peaked_tiny_model, perturbed
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +139,8 @@ def test_the_right_block_drafts_the_next_round(model):
 def test_sampling_keeps_the_causal_distribution_through_rejections():
     """The second token passes the acceptance rule (the first comes from the verifier alone): its
     frequencies over 1,500 seeds match the exact causal marginal sum_x1 p(x1) p(x2 | x1)."""
-    torch.manual_seed(0)
-    model = DLMLlamaForCausalLM(llama_config(PRESETS["tiny"])).eval()
-    with torch.no_grad():  # peaked, and different in the two modes, so both accept and reject happen
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        model.lm_head.output.weight.mul_(30)
+    model = peaked_tiny_model()
+    with torch.no_grad():
         prompt = torch.tensor([1, 300])
         first = torch.softmax(model(prompt[None]).logits[0, -1].float(), -1)
         first[MASK_ID] = 0
