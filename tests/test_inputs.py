@@ -225,10 +225,10 @@ def test_a_folder_reports_the_files_it_skipped(tok, tmp_path):
     skipped = manifest["skipped"]
     assert (skipped["not_json"], skipped["empty"], skipped["unreadable_files"]) == (1, 1, 2)
     assert skipped["unreadable_examples"] == [str(folder / "README.md"), str(folder / "sub" / "image.png")]
-    assert "and 2 file(s) of no readable format (" in out and "README.md" in out and "image.png" in out
+    assert "and 2 file(s) of no readable format or read already (" in out and "README.md" in out and "image.png" in out
     tokenizer = run_cli(["train-tokenizer", "--input", folder, "--vocab-size", 300, tmp_path / "t.json"])
     assert tokenizer.code == 0, tokenizer.err
-    assert "2 file(s) of no readable format" in tokenizer.out and "1 not JSON" in tokenizer.out
+    assert "2 file(s) of no readable format or read already" in tokenizer.out and "1 not JSON" in tokenizer.out
 
 
 # ------------------------------------------------------------------------------ the hub
@@ -381,6 +381,8 @@ REFUSALS = [
     ("arrow-garbage", _write("a.arrow", b"not arrow at all"), [], r"a\.arrow is not a readable arrow file"),
     ("arrow-truncated", _cut(_arrow_stream, 0.5), [], r"d\.arrow is not a readable arrow file"),
     ("json-damaged", _write("j.json", b'[{"text": "a"}, {"te'), [], r"j\.json is not a readable json file"),
+    ("json-empty", _write("j.json", b""), [], r"j\.json is not a readable json file \(the file holds no JSON\)"),
+    ("json-gz-empty", _write("j.json.gz", gzip.compress(b"  \n")), [], r"j\.json\.gz is not a readable json file"),
     ("parquet-truncated", _cut(_parquet, 0.7), [], r"d\.parquet is not a readable parquet file"),
     ("jsonl-bz2-garbage", _write("j.jsonl.bz2", b"never bz2"), [], r"j\.jsonl\.bz2 is not a readable bz2 file"),
     ("jsonl-xz-truncated", _cut(_jsonl_xz, 0.5), [], r"d\.jsonl\.xz is not a readable xz file"),
@@ -402,6 +404,35 @@ def test_a_bad_input_is_refused_in_one_line(tok, tmp_path, make, extra, pattern)
     path = make(tmp_path / "in")
     refuses(prepare_argv(tok, path, tmp_path / "out", *extra), "prepare-data", pattern, tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_inside_an_input_folder_is_refused(tok, tmp_path):
+    folder = _txt_folder(tmp_path)
+    refuses(prepare_argv(tok, folder, folder / "sub"), "prepare-data", r"lies inside the input folder", tmp_path)
+    assert not (folder / "sub").exists()
+
+
+def test_links_are_read_once_and_counted(tok, tmp_path):
+    """A link to a file of the folder is read once (the file itself); links to folders or to nothing
+    are skipped and counted, so no document is read twice or lands in both splits."""
+    folder = _txt_folder(tmp_path)
+    (folder / "zz-link.txt").symlink_to(folder / "00.txt")
+    (folder / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    (folder / "dirlink").symlink_to(tmp_path)
+    manifest, out = prepared(tok, folder, tmp_path / "out")
+    assert shard_documents(tmp_path / "out") == encoded(tok, DOCS)
+    assert manifest["skipped"]["unreadable_files"] == 3 and "zz-link.txt" in out and "dirlink" in out
+
+
+def test_a_json_column_of_mixed_types_keeps_its_strings(tok, tmp_path):
+    """datasets' json reader would store every value JSON-encoded (quotes, escapes); here the strings
+    stay as written and the others are counted as empty, as in .jsonl."""
+    texts = ["line one\nline two \u00e9", "thou art a villain"] * 3
+    records = [{"text": t} for t in texts] + [{"text": 7}, {"text": {"x": 1}}]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    manifest, _ = prepared(tok, tmp_path / "mixed.json", tmp_path / "out")
+    assert shard_documents(tmp_path / "out") == encoded(tok, texts)
+    assert manifest["skipped"]["empty"] == 2
 
 
 def test_train_tokenizer_takes_the_same_inputs(tmp_path):

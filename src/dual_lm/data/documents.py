@@ -36,17 +36,19 @@ class ReadStats:
         return self.invalid_utf8 + self.empty + self.bad_json
 
     def skip_file(self, path: Path | str) -> None:
-        """Count a file of no readable format found in an input folder."""
+        """Count a file of an input folder that is not read: of no readable format, a link to a folder or
+        to nothing, or a file read already under another name."""
         self.unreadable_files += 1
         if len(self.unreadable_names) < SHOWN_FILES:
             self.unreadable_names.append(str(path))
 
     def files_summary(self) -> str:
-        """``N file(s) of no readable format (a, b, ...)``, or an empty string when there were none."""
+        """``N file(s) of no readable format or read already (a, b, ...)``, or an empty string."""
         if not self.unreadable_files:
             return ""
         more = ", ..." if self.unreadable_files > len(self.unreadable_names) else ""
-        return f"{self.unreadable_files} file(s) of no readable format ({', '.join(self.unreadable_names)}{more})"
+        names = ", ".join(self.unreadable_names)
+        return f"{self.unreadable_files} file(s) of no readable format or read already ({names}{more})"
 
     def summary(self) -> str:
         parts = [f"{self.invalid_utf8} with invalid UTF-8", f"{self.empty} empty", f"{self.bad_json} not JSON"]

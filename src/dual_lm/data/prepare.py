@@ -195,6 +195,14 @@ def check_output_folder(request: PrepareRequest) -> Path:
     re-run resumes it); never a model folder (its tokenizer.json would be replaced), another folder, an
     input or a folder holding one."""
     sources = local_inputs((*request.inputs, request.tokenizer))
+    target = Path(request.output).resolve()
+    for source in sources:
+        folder = Path(source)
+        if folder.is_dir() and target.is_relative_to(folder.resolve()):
+            raise UserError(
+                f"refusing to write data folder {request.output}: it lies inside the input folder {source}, "
+                "whose later reads would take the shards for input; choose an output outside it"
+            )
     return ownership.check_output(request.output, ownership.DATA, update=True, sources=sources)
 
 

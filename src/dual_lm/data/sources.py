@@ -1,5 +1,5 @@
-"""Inputs read through Hugging Face ``datasets``: local json/csv/tsv/arrow files (json, csv and tsv
-also compressed), folders written by ``save_to_disk``, and dataset names on the hub (``hf:NAME``).
+"""Inputs read through Hugging Face ``datasets``: local csv/tsv/arrow files (csv and tsv also
+compressed), folders written by ``save_to_disk``, and dataset names on the hub (``hf:NAME``).
 
 Files and names are streamed (``streaming=True``): nothing is loaded into memory and no Arrow
 cache is written (a local file's read uses a temporary cache folder, removed after it). A
@@ -30,7 +30,6 @@ BATCH_ROWS = 1024
 _COMPRESSIONS = ("", ".gz", ".bz2", ".xz", ".zst")
 # suffix -> (datasets' packaged builder, its options); arrow files cannot be read compressed
 DATASET_FORMATS: dict[str, tuple[str, dict]] = {
-    **{f".json{c}": ("json", {}) for c in _COMPRESSIONS},
     **{f".csv{c}": ("csv", {}) for c in _COMPRESSIONS},
     **{f".tsv{c}": ("csv", {"sep": "\t"}) for c in _COMPRESSIONS},
     ".arrow": ("arrow", {}),

@@ -41,6 +41,19 @@ def identity_but_schedule(config: dict) -> dict:
     return out
 
 
+def first_difference(a: dict, b: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, value in a, value in b) of the first setting that differs between two configs."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = first_difference(x, y, f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif x != y:
+            return f"{prefix}{key}", x, y
+    return None
+
+
 def _factor(cfg: TrainConfig, step: int) -> float:
     o = cfg.optim
     return wsd_lr_factor(step, cfg.train.steps, o.warmup, o.decay, o.decay_kind)
@@ -120,19 +133,20 @@ def _tokenization(path: Path) -> dict:
     return {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model")} | {"added": added}
 
 
-def check_same_tokenizer(folder: Path, data: Path) -> None:
-    """The model folder's tokenizer must give the data's ids: one clear line otherwise."""
+def check_same_tokenizer(folder: Path, data: Path, key: str = "model.init_from") -> None:
+    """The tokenizer of ``folder`` (a model folder, or a checkpoint for ``train.decay_from``) must give the
+    data's ids: one clear line otherwise."""
     ours, theirs = folder / "tokenizer.json", data / "tokenizer.json"
     if not ours.is_file():
         raise UserError(
-            f"model.init_from: {folder} has no tokenizer.json, so its token ids cannot be checked against the "
-            f"data's; add the tokenizer it was trained with (convert-reference --tokenizer)"
+            f"{key}: {folder} has no tokenizer.json, so its token ids cannot be checked against the data's; "
+            "add the tokenizer it was trained with (convert-reference --tokenizer)"
         )
     if not theirs.is_file():
         raise UserError(f"data folder {data} has no tokenizer.json; re-run `dual-lm prepare-data`")
     if _tokenization(ours) != _tokenization(theirs):
         raise UserError(
-            f"model.init_from: {folder}'s tokenizer differs from the one {data} was prepared with; prepare the "
+            f"{key}: {folder}'s tokenizer differs from the one {data} was prepared with; prepare the "
             f"data with `dual-lm prepare-data --tokenizer {ours}`"
         )
 
@@ -149,6 +163,12 @@ def with_init_shape(cfg: TrainConfig) -> TrainConfig:
     started = _started_model(cfg)
     if started is not None:  # a run that has started took its shape from the folder then: no need for it now
         return dataclasses.replace(cfg, model=started)
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if (Path(name) / "checkpoints").is_dir() and not any((Path(name) / w).is_file() for w in weights):
+        raise UserError(
+            f"model.init_from: {name} is a run folder; export a checkpoint (`dual-lm export {name} OUT`) and "
+            "start from that, or continue the run itself with train.decay_from"
+        )
     opened = open_folder(name)
     folder_shape = {field: opened.config[key] for field, key in SHAPE_FIELDS.items()}
     _check_no_contradiction(cfg.model, folder_shape, name)

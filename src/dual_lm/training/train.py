@@ -35,7 +35,14 @@ from dual_lm.training.checkpoint import (
 from dual_lm.training.dist import DistInfo, all_keys, barrier, init_distributed, shutdown, sum_across_ranks
 from dual_lm.training.objectives import DualObjective, md_ranks, rank_runs_md, rotation_epoch, rows_for_ar
 from dual_lm.training.optim import build_optimizer, set_lr_factor, wsd_lr_factor
-from dual_lm.training.origins import check_same_past, identity_but_schedule, init_weights, with_init_shape
+from dual_lm.training.origins import (
+    check_same_past,
+    check_same_tokenizer,
+    first_difference,
+    identity_but_schedule,
+    init_weights,
+    with_init_shape,
+)
 from dual_lm.training.runfolder import check_started_alike, own_run, remove_run_leftovers
 from dual_lm.training.runlog import VAL_KEYS, MetricsLog
 
@@ -243,6 +250,7 @@ class Trainer:
                 loaded = load_checkpoint(path)
                 self._check_same_run(path, loaded[2])
                 self._check_fits(path, *loaded)
+                check_same_tokenizer(path, Path(self.cfg.data.path), "train.decay_from")
                 step = loaded[2]["step"]
                 if step >= self.cfg.train.steps:
                     raise UserError(f"{path} has taken {step} updates already: train.steps={step} leaves none to take")
@@ -303,8 +311,13 @@ class Trainer:
     def _check_same_run(self, path: Path, meta: dict) -> None:
         """Another config is the user's mistake, not damage: refused, never skipped. Only the schedule
         may differ, when the updates already taken keep their learning rates (``origins``)."""
-        if identity_but_schedule(meta["config"]) != identity_but_schedule(self.cfg.to_dict()):
-            raise UserError(f"{path} was written with another config; resume with the same config and overrides")
+        found = first_difference(identity_but_schedule(meta["config"]), identity_but_schedule(self.cfg.to_dict()))
+        if found is not None:
+            key, then, now = found
+            raise UserError(
+                f"{path} was written with another config ({key}={then!r} there, {now!r} now); continue it "
+                "with the same config and overrides"
+            )
         if run_identity(meta["config"]) != run_identity(self.cfg.to_dict()):
             from dual_lm.config import config_from_dict
 
