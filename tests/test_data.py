@@ -243,6 +243,11 @@ def test_rerun_with_other_validation_does_not_reuse_moved_shards(tmp_path, token
     prepare_data(PrepareRequest(str(tokenizer_51200), (str(corpus),), str(fresh), 400, 3))
     for name in ("train-00000.tokens", "train-00001.docs.npy", "valid.tokens"):
         assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    (out / "manifest.json").unlink()  # killed again; finished with fewer shards: no stale shard stays
+    prepare_data(PrepareRequest(str(tokenizer_51200), (str(corpus),), str(out), 400, 2))
+    assert sorted(p.name for p in out.glob("train-*")) == [
+        f"train-0000{k}.{x}" for k in (0, 1) for x in ("docs.npy", "json", "tokens")
+    ]
 
 
 def test_documents_are_stripped_before_tokenising(tmp_path, tokenizer_51200):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -206,6 +207,18 @@ def check_output_folder(request: PrepareRequest) -> Path:
     return ownership.check_output(request.output, ownership.DATA, update=True, sources=sources)
 
 
+_SHARD = re.compile(r"train-(\d{5})\.(tokens|docs\.npy|json)")
+
+
+def remove_stale_shards(out: Path, shards: int) -> list[Path]:
+    """Delete the shard files numbered ``shards`` and up: a killed run of this folder asked for more
+    shards than this one (the caller holds the lock), so the folder holds exactly what this run wrote."""
+    stale = [p for p in out.iterdir() if (m := _SHARD.fullmatch(p.name)) and int(m[1]) >= shards and p.is_file()]
+    for path in sorted(stale):
+        path.unlink()
+    return stale
+
+
 def remove_temporaries(out: Path) -> list[Path]:
     """Delete the temporary files of shards, markers, the tokenizer copy and the manifest (the caller
     holds the folder's lock: they belong to a failed or killed run); committed shards stay."""
@@ -295,6 +308,7 @@ def _prepare_locked(request: PrepareRequest, writing: _Writing) -> dict:
         for k, (lo, hi) in enumerate(shard_bounds(valid["documents"], count_stats.documents, shards)):
             metas.append(_prepare_shard(out, f"train-{k:05d}", documents, lo, hi - lo, tokenizer, dtype, base, bar))
         _finish_reading(documents)
+    remove_stale_shards(out, len(metas))
     manifest = {
         **base,
         "vocab_size": tokenizer.get_vocab_size(),
