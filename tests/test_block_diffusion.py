@@ -277,3 +277,19 @@ def test_generate_text_takes_the_new_options(tokenizer_51200):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer_file(tokenizer_51200), **ROLE_TOKENS)
     for options in ({"block_length": 3, "threshold": 0.5}, {"block_length": 3, "steps": 2, "cache": "none"}):
         assert isinstance(generate_text(model, tokenizer, "Hello", "diffusion", 6, **options), str)
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--mode", "causal", "--k", "3"], r"--k applies only to --mode speculative, not causal"),
+        (["--mode", "prefix", "--draft", "full"], r"--draft applies only to --mode speculative"),
+        (["--mode", "speculative", "--steps", "4"], r"--steps applies only to --mode diffusion, not speculative"),
+        (["--mode", "causal", "--threshold", "0.5"], r"--threshold applies only to --mode diffusion"),
+        (["--mode", "diffusion", "--cache", "none"], r"--cache applies only to block decoding"),
+    ],
+)
+def test_options_of_another_mode_are_refused(tmp_path, argv, pattern):
+    from hostile import refuses
+
+    refuses(["generate", "no-such-folder", "--prompt", "hi", *argv], "generate", pattern, tmp_path)

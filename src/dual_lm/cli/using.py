@@ -60,23 +60,41 @@ def _generation_options(args) -> dict:
     return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k or None}
 
 
+# the options of one mode (name -> (mode, default)): given with another mode they are refused, not ignored
+MODE_OPTIONS = {
+    "k": ("speculative", 4),
+    "draft": ("speculative", "one-pass"),
+    "steps": ("diffusion", 32),
+    "strategy": ("diffusion", "confidence"),
+    "block_length": ("diffusion", None),
+    "threshold": ("diffusion", None),
+    "cache": ("diffusion", "causal"),
+}
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder")
     p.add_argument("--prompt", help="one prompt; the continuation streams to the terminal")
     p.add_argument("--mode", default="causal", choices=MODES)
     p.add_argument(
-        "--k", type=integer(1, 64), default=4, help="speculative: tokens drafted per round by the bidirectional mode"
+        "--k",
+        type=integer(1, 64),
+        default=MODE_OPTIONS["k"][1],
+        help="speculative: tokens drafted per round by the bidirectional mode",
     )
     p.add_argument(
-        "--draft", default="one-pass", choices=DRAFTS, help="speculative: one pass per round, or a draft pass + a check"
+        "--draft",
+        default=MODE_OPTIONS["draft"][1],
+        choices=DRAFTS,
+        help="speculative: one pass per round, or a draft pass + a check",
     )
     p.add_argument("--max-new-tokens", type=integer(1), default=50)
     p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=real(0, 1, low_open=True), default=0.95, help="causal/prefix sampling: nucleus mass")
     p.add_argument("--top-k", type=integer(0), default=0, help="causal/prefix sampling: keep the k likeliest (0 = all)")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--steps", type=integer(1), default=32, help="diffusion: model passes")
-    p.add_argument("--strategy", default="confidence", choices=STRATEGIES)
+    p.add_argument("--steps", type=integer(1), default=MODE_OPTIONS["steps"][1], help="diffusion: model passes")
+    p.add_argument("--strategy", default=MODE_OPTIONS["strategy"][1], choices=STRATEGIES)
     p.add_argument(
         "--block-length",
         type=integer(1),
@@ -91,7 +109,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cache",
-        default="causal",
+        default=MODE_OPTIONS["cache"][1],
         choices=CACHES,
         help="diffusion with --block-length: exact causal KV cache, or none (recompute the canvas every pass)",
     )
@@ -104,9 +122,15 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_diffusion_options(args) -> None:
-    """The diffusion flags that depend on each other, refused before the model loads."""
+    """Options of another mode, and the diffusion flags that depend on each other, refused before the
+    model loads."""
+    for name, (mode, default) in MODE_OPTIONS.items():
+        if args.mode != mode and getattr(args, name) != default:
+            raise UserError(f"--{name.replace('_', '-')} applies only to --mode {mode}, not {args.mode}")
     if args.mode != "diffusion":
         return
+    if args.cache != MODE_OPTIONS["cache"][1] and args.block_length is None:
+        raise UserError("--cache applies only to block decoding: give --block-length too")
     if args.block_length is not None and args.block_length > args.max_new_tokens:
         raise UserError(f"--block-length ({args.block_length}) must be <= --max-new-tokens ({args.max_new_tokens})")
     if args.threshold is not None and args.strategy != "confidence":
