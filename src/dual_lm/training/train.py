@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dual_lm import __version__
 from dual_lm.atomic import write_json_atomic
-from dual_lm.config import CONTEXT, SEED_STRIDE, TrainConfig, llama_config, run_identity
+from dual_lm.config import CONTEXT, SEED_STRIDE, TrainConfig, config_from_dict, llama_config, run_identity
 from dual_lm.data.loader import PackedLoader, TokenShards
 from dual_lm.errors import UserError
 from dual_lm.modeling_dlm_llama import DLMLlamaForCausalLM
@@ -319,8 +319,6 @@ class Trainer:
                 "with the same config and overrides"
             )
         if run_identity(meta["config"]) != run_identity(self.cfg.to_dict()):
-            from dual_lm.config import config_from_dict
-
             check_same_past(config_from_dict(meta["config"]), self.cfg, meta["step"], str(path))
 
     def _check_fits(self, path: Path, weights: dict, state: dict, meta: dict) -> None:
@@ -439,7 +437,7 @@ def fit(trainer: Trainer, resume: bool) -> dict:
     resumed = resume and trainer.resume()
     if not resumed:
         started = trainer.start()
-        if info.is_main and (resume or started != "starting from step 0"):
+        if info.is_main and (resume or cfg.train.decay_from or cfg.model.init_from):
             print(f"no checkpoint in {trainer.run_dir}; {started}" if resume else started)
     check_started_alike(trainer.run_dir, cfg, schedule_may_differ=resumed)
     if info.is_main:  # config.json first: from here on the folder is recognisably a run folder
