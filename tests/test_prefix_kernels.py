@@ -293,6 +293,20 @@ def test_static_cache_prefill(models, calls):
     torch.testing.assert_close(got, logits(dense, ids, **pattern), **TIGHT)
 
 
+def test_a_ready_made_4d_mask_inside_the_prefix_is_refused(models):
+    """generate builds a 4-D mask for a static cache with padding; it says only what is causal, so the prefix
+    would silently attend causally: refused. Without padding (no 4-D mask) the static cache gives prefix tokens."""
+    fast, _, _ = models
+    ids, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    options = {"max_new_tokens": 3, "do_sample": False, "eos_token_id": None, "prefix_attention": True}
+    with torch.no_grad(), pytest.raises(ValueError, match="prefix mode needs the \\[B, T\\] padding mask"):
+        fast.generate(ids, attention_mask=mask, cache_implementation="static", pad_token_id=3, **options)
+    with torch.no_grad():
+        static = fast.generate(ids[:1], cache_implementation="static", **options)
+        assert torch.equal(static, fast.generate(ids[:1], **options))
+
+
 def test_scoring_benefits_when_its_batches_qualify(models, calls):
     fast, dense, _ = models
     torch.manual_seed(2)

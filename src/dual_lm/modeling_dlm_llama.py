@@ -85,6 +85,18 @@ def resolve_mode(attention_mode: str | None, prefix_lengths, default: str) -> st
     return mode
 
 
+def _check_prefix_mask(mode: str, attention_mask, prefix_lengths, past_len: int) -> None:
+    """A ready-made 4-D mask (``generate`` builds one for a static cache and padding) says only what is
+    causal: it cannot carry the prefix, so a query inside a prefix would silently attend causally."""
+    if mode != "prefix" or attention_mask is None or attention_mask.dim() != 4 or not _eager():
+        return
+    if bool((prefix_lengths > past_len).any()):
+        raise ValueError(
+            "prefix mode needs the [B, T] padding mask, not a 4-D attention mask, while queries lie inside the "
+            "prefix (generate builds a 4-D mask for a static cache with padding: use the default dynamic cache)"
+        )
+
+
 def allowed_attention(
     mode: str,
     batch: int,
@@ -456,6 +468,7 @@ class DLMLlamaPreTrainedModel(_ReferenceInit, LlamaPreTrainedModel):
             # left padding: rotary positions count real tokens only, so padding never shifts logits
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
         plain_causal = mode == "causal" and document_ids is None
+        _check_prefix_mask(mode, attention_mask, prefix_lengths, past_len)
         shared = self._shared_prefix(mode, q_len, past_len, attention_mask, prefix_lengths, document_ids)
         if shared is not None:  # one prefix length, nothing padded: unmasked kernels (prefix_attention)
             attention_mask, kwargs["dlm_prefix_length"] = None, shared

@@ -13,12 +13,12 @@ import os
 import sys
 
 from dual_lm import __version__
-from dual_lm.cli import making, using
+from dual_lm.cli import making, serving, using
 from dual_lm.cli.options import Parser
 from dual_lm.errors import UserError
 from dual_lm.ownership import environment_error
 
-COMMANDS = making.COMMANDS + using.COMMANDS
+COMMANDS = making.COMMANDS + using.COMMANDS + serving.COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:

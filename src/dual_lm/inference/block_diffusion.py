@@ -39,6 +39,7 @@ from dual_lm.inference.diffusion import (
     DiffusionConfig,
     DiffusionResult,
     _candidates,
+    after_step,
     choose_commits,
     step_counts,
     steps_per_block,
@@ -89,9 +90,20 @@ def window_hidden(model, cache: DynamicCache, x: torch.Tensor, start: int, stop:
 
 
 def denoise_block(
-    model, cache, x, start: int, stop: int, steps: int, cfg: DiffusionConfig, generator, result, trace=False
-) -> None:
-    """Fill the masked slots of ``x[start:stop]`` over the cache, one window pass per step."""
+    model,
+    cache,
+    x,
+    start: int,
+    stop: int,
+    steps: int,
+    cfg: DiffusionConfig,
+    generator,
+    result,
+    trace=False,
+    on_step=None,
+) -> bool:
+    """Fill the masked slots of ``x[start:stop]`` over the cache, one window pass per step; True when
+    ``on_step`` asked to stop."""
     for count in step_counts(stop - start, steps, cfg):
         still = (x[start:stop] == MASK_ID).nonzero().flatten() + start
         if not still.numel():
@@ -101,18 +113,19 @@ def denoise_block(
         token, conf = _candidates(model.lm_head(hidden[still - start]), cfg.temperature, generator)
         chosen = choose_commits(conf, count, cfg, generator)
         x[still[chosen]] = token[chosen]
-        if trace:
-            result.trace.append(x.clone())
+        if after_step(result, x, still[chosen], trace, on_step):
+            return True
+    return False
 
 
 @torch.no_grad()
 def block_generate(
-    model, prompt_ids: torch.Tensor, new_tokens: int, cfg: DiffusionConfig, trace=False, cache=None
+    model, prompt_ids: torch.Tensor, new_tokens: int, cfg: DiffusionConfig, trace=False, cache=None, on_step=None
 ) -> DiffusionResult:
     """Fill ``new_tokens`` masks after ``prompt_ids`` [P] (``<s>`` first) block by block over a causal
     KV cache (see the module docstring). ``cache``: an empty ``DynamicCache`` to fill, kept by the
-    caller (e.g. to inspect it); by default a fresh one. Call ``diffusion_generate`` for the checks
-    and the cut at ``</s>``."""
+    caller (e.g. to inspect it); by default a fresh one. ``on_step``: see ``diffusion.after_step``.
+    Call ``diffusion_generate`` for the checks and the cut at ``</s>``."""
     cfg.validate(new_tokens)
     if prompt_ids.numel() < 1:
         raise ValueError("the prompt must hold at least <s>: the first new token is read at the position before it")
@@ -125,7 +138,8 @@ def block_generate(
     starts = range(p, p + new_tokens, length)
     for start, steps in zip(starts, steps_per_block(cfg.steps, len(starts)), strict=True):
         stop = min(start + length, p + new_tokens)
-        denoise_block(model, cache, x, start, stop, steps, cfg, generator, result, trace)
+        if denoise_block(model, cache, x, start, stop, steps, cfg, generator, result, trace, on_step):
+            break
         if cfg.stop_at_eos and bool((x[start:stop] == EOS_ID).any()):
             break
     return result

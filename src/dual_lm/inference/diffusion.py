@@ -130,6 +130,14 @@ def choose_commits(conf: torch.Tensor, count: int | None, cfg: DiffusionConfig, 
     return torch.randperm(conf.numel(), generator=generator)[:count].to(conf.device)
 
 
+def after_step(result: DiffusionResult, x: torch.Tensor, committed: torch.Tensor, trace: bool, on_step) -> bool:
+    """Record a step: the canvas into ``result.trace`` when asked, and ``on_step(canvas [T], committed
+    positions [C])`` when given (a server streams the canvas); True when ``on_step`` asks to stop."""
+    if trace:
+        result.trace.append(x.clone())
+    return bool(on_step is not None and on_step(x, committed))
+
+
 def step_counts(size: int, steps: int, cfg: DiffusionConfig):
     """Each step's commit count for a block of ``size`` slots: the fixed schedule, or ``None`` per step
     with a threshold (the caller stops when the block is full)."""
@@ -141,8 +149,11 @@ def step_counts(size: int, steps: int, cfg: DiffusionConfig):
 
 
 @torch.no_grad()
-def sample_canvas(model, canvas: torch.Tensor, cfg: DiffusionConfig, trace: bool = False) -> DiffusionResult:
-    """Fill every ``<mask>`` of ``canvas`` [T] (position 0 must be fixed, e.g. ``<s>``) and return it.
+def sample_canvas(
+    model, canvas: torch.Tensor, cfg: DiffusionConfig, trace: bool = False, on_step=None
+) -> DiffusionResult:
+    """Fill every ``<mask>`` of ``canvas`` [T] (position 0 must be fixed, e.g. ``<s>``) and return it;
+    ``on_step`` (see ``after_step``) may stop it early, leaving masks.
 
     Every step recomputes the whole canvas bidirectionally (``cfg.cache`` is not read here: a canvas
     may hold text after the gap, which no causal prefix cache could see)."""
@@ -167,8 +178,8 @@ def sample_canvas(model, canvas: torch.Tensor, cfg: DiffusionConfig, trace: bool
             token, conf = _candidates(logits[positions - 1], cfg.temperature, generator)
             chosen = choose_commits(conf, count, cfg, generator)
             x[positions[chosen]] = token[chosen]
-            if trace:
-                result.trace.append(x.clone())
+            if after_step(result, x, positions[chosen], trace, on_step):
+                return result
     return result
 
 
@@ -179,13 +190,15 @@ def _blocks(gap: list[int], block_length: int | None) -> list[list[int]]:
 
 
 @torch.no_grad()
-def diffusion_generate(model, prompt_ids: torch.Tensor, new_tokens: int, cfg: DiffusionConfig, trace=False):
+def diffusion_generate(
+    model, prompt_ids: torch.Tensor, new_tokens: int, cfg: DiffusionConfig, trace=False, on_step=None
+):
     """Generate ``new_tokens`` after ``prompt_ids`` [P] (starting with ``<s>``); returns (new ids, result).
 
     The result (``DiffusionResult``) holds the canvas, the forward passes and ``passes_per_token``.
     Without ``block_length`` (or with ``cache="none"``) every step recomputes the whole canvas
     (``sample_canvas``); with it the cached block sampler runs (``block_diffusion.block_generate``:
-    the committed text attends causally, over an exact KV cache)."""
+    the committed text attends causally, over an exact KV cache). ``on_step``: see ``after_step``."""
     check_room(prompt_ids.numel(), new_tokens, model.config.max_position_embeddings)
     cfg.validate(new_tokens)
     if cfg.block_length is not None and cfg.block_length > new_tokens:
@@ -193,10 +206,10 @@ def diffusion_generate(model, prompt_ids: torch.Tensor, new_tokens: int, cfg: Di
     if cfg.block_length is not None and cfg.cache == "causal":
         from dual_lm.inference.block_diffusion import block_generate  # it builds on this module
 
-        result = block_generate(model, prompt_ids, new_tokens, cfg, trace)
+        result = block_generate(model, prompt_ids, new_tokens, cfg, trace, on_step=on_step)
     else:
         canvas = torch.cat([prompt_ids, torch.full((new_tokens,), MASK_ID, dtype=prompt_ids.dtype)])
-        result = sample_canvas(model, canvas.to(model.device), cfg, trace)
+        result = sample_canvas(model, canvas.to(model.device), cfg, trace, on_step)
     new = result.tokens[prompt_ids.numel() :].tolist()
     return (cut_at_eos(new) if cfg.stop_at_eos else new), result
 

@@ -136,9 +136,26 @@ def generate_text(
         return continuation_text(tokenizer, ids[0].tolist(), result.tokens), result
     check_sampling(options)
     out = model.generate(
-        ids, max_new_tokens=max_new_tokens, prefix_attention=mode == "prefix", streamer=streamer, **options
+        ids,
+        max_new_tokens=max_new_tokens,
+        max_length=None,  # the folder's max_length (the context) yields to max_new_tokens without a warning
+        prefix_attention=mode == "prefix",
+        streamer=streamer,
+        **options,
     )
     return continuation_text(tokenizer, ids[0].tolist(), out[0, ids.shape[1] :].tolist())
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T], attention mask [B, T]) of token rows padded on the left to the longest, as
+    ``model.generate`` wants a batch (new tokens follow every row's last real token)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
 
 
 @torch.no_grad()
@@ -175,16 +192,13 @@ def generate_batch(
     texts = [""] * len(prompts)
     for at in range(0, len(order), batch_size):
         chunk = order[at : at + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
+        ids, mask = left_pad([encoded[i] for i in chunk], PAD_ID)
+        width = ids.shape[1]
         out = model.generate(
             ids.to(model.device),
             attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens,
+            max_length=None,
             prefix_attention=mode == "prefix",
             pad_token_id=PAD_ID,
             **options,

@@ -213,7 +213,7 @@ def _two_pass_rounds(state: _Decoding, k: int, draft: str):
         new = accept_drafts(p, q, drafts, state.generator)
         state.take(new, k)
         _keep(cache, state.seq.numel() - 1)  # drop the rejected drafts' keys and values
-        yield new
+        yield drafts.tolist(), new
 
 
 def _one_pass_rounds(state: _Decoding, k: int):
@@ -230,8 +230,9 @@ def _one_pass_rounds(state: _Decoding, k: int):
         _keep(cache, n + len(new) - 1)  # the cache of every accepted token but the verifier's last one
         state.take(new, d)
         q = _distribution(model.lm_head(blocks[len(new) - 1]), state.temperature)  # the block of this outcome
+        checked = drafts.tolist()
         drafts = state.draw(q)
-        yield new
+        yield checked, new
 
 
 @torch.no_grad()
@@ -245,11 +246,14 @@ def speculative_generate(
     stop_at_eos: bool = True,
     streamer=None,
     draft: str = "one-pass",
+    on_round=None,
 ) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` [P] drafting ``k`` tokens per round.
 
     A transformers ``streamer`` gets the prompt once the options are checked, then each round's new
-    tokens (cut at the limit and at ``</s>``), then ``end()``, as ``model.generate`` drives it."""
+    tokens (cut at the limit and at ``</s>``), then ``end()``, as ``model.generate`` drives it.
+    ``on_round(drafts, new)`` sees each round's checked drafts and the tokens it adds (the accepted
+    drafts, then the verifier's token; uncut) and stops the decoding by returning True."""
     check_options(prompt_ids.numel(), max_new_tokens, model.config.max_position_embeddings, k, temperature, draft)
     if streamer is not None:
         streamer.put(prompt_ids)
@@ -259,9 +263,11 @@ def speculative_generate(
         model(seq[None, :-1], cache=cache, use_cache=True)
     state = _Decoding(model, seq, cache, seq.numel(), temperature, torch.Generator().manual_seed(seed))
     rounds = _one_pass_rounds(state, k) if draft == "one-pass" else _two_pass_rounds(state, k, draft)
-    for new in rounds:
+    for drafts, new in rounds:
         if streamer is not None:
             _stream(streamer, new, state.seq.numel() - len(new) - state.start, max_new_tokens, stop_at_eos)
+        if on_round is not None and on_round(drafts, new):
+            break
         if state.seq.numel() - state.start >= max_new_tokens or (stop_at_eos and EOS_ID in new):
             break
     if streamer is not None:
