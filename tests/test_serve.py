@@ -149,19 +149,21 @@ def test_a_stream_joins_to_the_whole_answer_and_ends_with_its_usage(client, mode
 
 
 def test_speculative_rounds_add_up_to_the_completion(client):
-    """Each round adds its accepted drafts and the verifier's token; the last round is cut at max_tokens."""
+    """Each round adds its accepted drafts and the verifier's token; the last round's are cut at max_tokens,
+    as the text is, so the pieces shown are exactly the text's tokens."""
     for prompt, max_tokens in [("The king", 12), ("Hello there", 11)]:
         chunks = streamed(client, prompt, "speculative", max_tokens, k=3)
         rounds, (done,) = events(chunks, "round"), events(chunks, "done")
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         completion = chunks[-1].usage.completion_tokens
         assert completion == max_tokens
-        for r in rounds:
+        for r in rounds[:-1]:
             assert r["accepted"] <= len(r["drafts"]) <= 3 and len(r["added"]) == r["accepted"] + 1
+        last = rounds[-1]  # cut to what the text takes: up to max_tokens
+        assert last["accepted"] <= len(last["drafts"]) and 1 <= len(last["added"]) <= last["accepted"] + 1
         assert rounds[0]["drafts"] == []  # the first pass drafts the second round, it checks none
         added = [piece for r in rounds for piece in r["added"]]
-        assert len(added) - len(rounds[-1]["added"]) < completion <= len(added)
-        assert "".join(added[:completion]) == text  # a piece is one token decoded alone
+        assert len(added) == completion and "".join(added) == text  # a piece is one token decoded alone
         assert done["forwards"] == len(rounds) and done["tokens_per_forward"] == round(completion / len(rounds), 4)
         accepted = sum(r["accepted"] for r in rounds)
         assert done["drafted"] == sum(min(r["accepted"] + 1, len(r["drafts"])) for r in rounds)
@@ -522,3 +524,18 @@ def test_serve_refuses_before_loading_the_model(folder, tmp_path, capsys, monkey
     assert "--host must be an IP address (such as 127.0.0.1 or ::1), got 'localhost'" in line
     assert "--name must not be empty" in refused(capsys, ["serve", folder, "--name", " ", "--port", 0])
     assert "argument --max-batch: must be in [1, 1024], got 0" in refused(capsys, ["serve", folder, "--max-batch", 0])
+
+
+def test_a_body_not_sent_as_json_is_refused_so_no_web_page_can_post_unasked(server):
+    """A page on any site may send a "simple" text/plain POST to loopback without a preflight: 415."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    netloc = urlsplit(server.url)
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        conn = http.client.HTTPConnection(netloc.hostname, netloc.port, timeout=30)
+        headers = {} if kind is None else {"Content-Type": kind}
+        conn.request("POST", "/v1/completions", b'{"prompt": "a", "max_tokens": 1}', headers)
+        answer = conn.getresponse()
+        assert_openai_error(answer.status, answer.read(), 415, "send the body as Content-Type: application/json")
+        conn.close()

@@ -366,3 +366,22 @@ def test_an_unstreamed_request_stops_when_its_client_leaves(engine, app_server, 
     after = solo(engine, {"prompt": "probe", "max_tokens": 1, "temperature": 0})  # the engine is past that batch
     assert after[1] == "length" and jobs[0].cancelled.is_set()
     assert 5 < len(jobs[0].continuation.tokens) < 2000
+
+
+def test_a_fill_waiting_among_causal_jobs_neither_joins_nor_breaks_their_batch(engine):
+    """A fill job (which has no completion request) waits between two causal ones: the causal pair is one
+    batch, the fill runs alone, and the engine thread lives on (it once died reading the fill's max_tokens)."""
+    from dual_lm.serving.requests import parse_fill
+
+    body = {"prompt": "Now is", "max_tokens": 3, "temperature": 0}
+    alone = solo(engine, body)
+    fills, filled = [], threading.Event()
+    on_fill = lambda event: (fills.append(event), filled.set())  # noqa: E731
+    with held(engine):
+        first = submit(engine, body)
+        engine.submit([engine.fill_job(parse_fill({"text": "Now <mask> the"}), on_fill)])
+        second = submit(engine, body)
+        ran = len(engine.batches)
+    assert first.result() == alone == second.result()
+    assert filled.wait(WAIT_S) and len(fills[0]["masks"]) == 1
+    assert engine.batches[ran : ran + 2] == [2, 1] and engine.alive

@@ -35,6 +35,10 @@ def _error(err: ApiError) -> Response:
 
 async def read_json(request: Request, limit: int):
     """The request's JSON body, refused (``ApiError``) when over ``limit`` bytes, empty, not UTF-8 or not JSON."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # a web page can post text/plain here unasked; JSON needs a preflight we refuse
+        shown = kind or "none"
+        raise ApiError(f"send the body as Content-Type: application/json (got {shown})", status=415)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(f"the request body is over {limit} bytes", status=413)
@@ -105,6 +109,8 @@ def create_app(engine: Engine, name: str, max_body: int = MAX_BODY) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return Response(json.dumps({"status": "down", "model": name}), 503, media_type="application/json")
         return {"status": "ok", "model": name}
 
     @app.get("/v1/models")
@@ -181,7 +187,9 @@ def _usage(totals: list[dict]) -> dict:
 async def _filled(events: _Events, name: str) -> dict:
     result = await _next(events)
     if "error" in result:
-        raise ApiError(result["error"], "text", result.get("status", 500))
+        status = result.get("status", 500)
+        raise ApiError(result["error"], "text" if status == 400 else None, status,
+                       "invalid_request_error" if status == 400 else "server_error")  # fmt: skip
     return {"object": "fill", "model": name, "masks": result["masks"]}
 
 

@@ -22,6 +22,7 @@ loop): ``{"index", "text", "event"?}`` while the job runs, then one with ``finis
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import secrets
 import threading
@@ -165,7 +166,23 @@ class Engine:
                 return
             self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]  # its client went away
             if self.waiting:
-                self._run(self._next_batch())
+                self._next_round()
+
+    def _next_round(self) -> None:
+        """Run the next batch. Nothing may end this thread (every request would hang): a failure outside
+        the model's own (which ``_run`` reports) fails the jobs it was taking."""
+        batch = self.waiting[:1]
+        try:
+            batch = self._next_batch()
+            self._run(batch)
+        except Exception as err:
+            self.waiting = [j for j in self.waiting if j not in batch]
+            self._fail(batch, err)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (``/health`` says 503 when it does not)."""
+        return self.thread.is_alive()
 
     def _gather(self, first: Job) -> bool:
         """After an idle spell (``first`` ended it), take arrivals until none has come for ``gather_s``,
@@ -213,12 +230,14 @@ class Engine:
 
         Every row of a batch runs to the longest prompt plus the most new tokens of any row (a finished
         row's positions still advance), so that sum must fit the context, though each job alone did."""
-        batch, width, new = [head], len(head.prompt_ids), head.request.max_tokens
+        key, batch, width, new = head.batch_key(), [head], len(head.prompt_ids), head.request.max_tokens
         for job in self.waiting[1:]:
             if len(batch) == self.max_batch:
                 break
+            if job.batch_key() != key:  # first: a fill job has no request
+                continue
             grown = max(width, len(job.prompt_ids)), max(new, job.request.max_tokens)
-            if job.batch_key() == head.batch_key() and sum(grown) <= self.context:
+            if sum(grown) <= self.context:
                 batch.append(job)
                 width, new = grown
         return batch
@@ -236,14 +255,20 @@ class Engine:
                 else:
                     self._diffuse(batch[0])
         except Exception as err:  # a model failure ends these jobs, never the server
-            for job in batch:
-                if not job.finished:  # a row that ended before the failure keeps its answer
-                    job.finished = True
+            self._fail(batch, err)
+
+    def _fail(self, batch: list[Job], err: Exception) -> None:
+        for job in batch:
+            if not job.finished:  # a row that ended before the failure keeps its answer
+                job.finished = True
+                with contextlib.suppress(Exception):  # the server may be closing its event loop
                     job.emit({"index": job.index, "error": f"generation failed: {type(err).__name__}: {err}"})
 
-    def advance(self, job: Job, tokens: list[int], event: dict | None = None) -> None:
-        """Give ``job`` new tokens; send the text they let out, and ``event``."""
-        text = job.continuation.add(tokens)
+    def advance(self, job: Job, tokens: list[int]) -> None:
+        """Give ``job`` new tokens; send the text they let out."""
+        self._send(job, job.continuation.add(tokens))
+
+    def _send(self, job: Job, text: str, event: dict | None = None) -> None:
         if text or event is not None:
             job.emit({"index": job.index, "text": text, **({"event": event} if event else {})})
 
@@ -283,10 +308,17 @@ class Engine:
         request, cont = job.request, job.continuation
 
         def on_round(drafts: list[int], new: list[int]) -> bool:
-            event = {"event": "round", "drafts": self._pieces(drafts), "accepted": len(new) - 1}
-            event["added"] = self._pieces(new)
-            self.advance(job, new, event)
-            return cont.done or job.cancelled.is_set()
+            if job.cancelled.is_set():
+                return True
+            before = len(cont.tokens)
+            text = cont.add(new)
+            event = None
+            if request.stream:  # the round as the playground shows it; a whole answer has no use for it
+                taken = new[: len(cont.tokens) - before]  # what the text took: not past the limit, </s>, a stop
+                event = {"event": "round", "drafts": self._pieces(drafts), "accepted": len(new) - 1}
+                event["added"] = self._pieces(taken)
+            self._send(job, text, event)
+            return cont.done
 
         options = request.options
         result = speculative_generate(
@@ -311,6 +343,8 @@ class Engine:
         steps = []
 
         def on_step(canvas: torch.Tensor, committed: torch.Tensor) -> bool:
+            if job.cancelled.is_set() or not request.stream:  # a whole answer has no use for the canvas
+                return job.cancelled.is_set()
             slots = canvas[start : start + request.max_tokens].tolist()
             event = {"event": "step", "step": len(steps), "committed": (committed - start).tolist()}
             event["slots"] = [

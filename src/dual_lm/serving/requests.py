@@ -146,6 +146,8 @@ def _refuse_unsupported(body: dict) -> None:
             raise ApiError(f"unknown field {shown(name)}", name)
     for name, neutral in NEUTRAL.items():
         value = body.get(name)
+        if name == "logit_bias" and value == {}:  # what some OpenAI clients send by default: no bias
+            continue
         if value is not None and (value != neutral or isinstance(value, bool)):  # true == 1 in Python, not in JSON
             raise ApiError(f"{name} is not supported: leave it out or set it to {shown(neutral)}", name)
 
