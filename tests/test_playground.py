@@ -29,6 +29,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.select import Select  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from browser import play  # noqa: E402
 from servers import serving, tiny_folder  # noqa: E402
 
 PROMPT = "Hello"  # the tiny model accepts one of its drafts after it (k 2, 12 tokens) and rejects the rest
@@ -73,20 +74,9 @@ def open_page(driver, served) -> None:
 def run(driver, served, mode: str, prompt: str | None = PROMPT, **values) -> str:
     """Choose ``mode``, type ``prompt`` and the options, click run; the state it ended in."""
     open_page(driver, served)
-    Select(driver.find_element(By.ID, "mode")).select_by_value(mode)
-    if prompt is not None:
-        box = driver.find_element(By.ID, "prompt")
-        box.clear()
-        box.send_keys(prompt)
-    for name, value in values.items():
-        field = driver.find_element(By.ID, name)
-        field.clear()
-        field.send_keys(str(value))
-    driver.find_element(By.ID, "run").click()
-    state = lambda d: d.find_element(By.ID, "status").get_attribute("data-state")  # noqa: E731
-    WebDriverWait(driver, 60).until(lambda d: state(d) in ("done", "error"))
+    state = play(driver, mode, prompt, values, 60)
     assert driver.find_element(By.ID, "run").is_enabled()  # enabled again once the run is over
-    return state(driver)
+    return state
 
 
 def output(driver) -> str:

@@ -50,23 +50,13 @@ def browser(width: int = 1280, height: int = 900):
 def run_mode(driver, url: str, mode: str, values: dict, prompt: str = "ROMEO:", timeout: float = 300) -> None:
     """Load the playground, choose ``mode``, fill in the options, run and wait until it is done."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser import play
 
     driver.get(url + "/")
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text not in ("", "loading…"))
-    Select(driver.find_element(By.ID, "mode")).select_by_value(mode)
-    box = driver.find_element(By.ID, "prompt")
-    box.clear()
-    box.send_keys(prompt)
-    for name, value in values.items():
-        field = driver.find_element(By.ID, name)
-        field.clear()
-        field.send_keys(str(value))
-    driver.find_element(By.ID, "run").click()
-    state = lambda d: d.find_element(By.ID, "status").get_attribute("data-state")  # noqa: E731
-    WebDriverWait(driver, timeout).until(lambda d: state(d) in ("done", "error"))
-    if state(driver) == "error":
+    if play(driver, mode, prompt, values, timeout) == "error":
         raise RuntimeError(f"the playground failed: {driver.find_element(By.ID, 'error').text}")
 
 
